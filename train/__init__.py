@@ -1,0 +1,1 @@
+"""RDCD distillation on Ray Train."""
