@@ -43,4 +43,14 @@ def init_ray(ray_config: dict[str, Any] | None = None, address: str | None = Non
         kwargs["num_cpus"] = ray_config["num_cpus"]
     if ray_config.get("object_store_memory"):
         kwargs["object_store_memory"] = int(ray_config["object_store_memory"])
+    _keep_local_cluster_on_loopback()
     ray.init(**kwargs)
+
+
+def _keep_local_cluster_on_loopback() -> None:
+    """Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first imported; a program
+    that imported ray before rdcd would still bind the external interface, so re-apply it."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False

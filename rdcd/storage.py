@@ -106,12 +106,23 @@ def write_bytes_atomic(url: str, data: bytes, options: StorageOptions | None = N
 
 
 def publish_directory(tmp_url: str, final_url: str, options: StorageOptions | None = None) -> None:
-    """Move a fully written temporary directory into its final place."""
+    """Move a fully written temporary directory into its final place.
+
+    Local filesystems rename in one step; object stores copy file by file, which is why
+    readers must trust a directory only once its manifest says it is complete.
+    """
     fs = get_filesystem(final_url, options)
-    final = strip_protocol(final_url)
+    tmp, final = strip_protocol(tmp_url), strip_protocol(final_url)
     if fs.exists(final):
         fs.rm(final, recursive=True)
-    fs.mv(strip_protocol(tmp_url), final, recursive=True)
+    if protocol_of(final_url) == "file":
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(tmp, final)
+        return
+    for source in fs.find(tmp):
+        fs.copy(source, final + source[len(tmp) :])
+    fs.rm(tmp, recursive=True)
+    fs.invalidate_cache()
 
 
 def read_json(url: str, options: StorageOptions | None = None) -> dict[str, Any]:
