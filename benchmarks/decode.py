@@ -21,7 +21,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdcd.preprocess import ImageError, decode_image, load_rgb, resize_image  # noqa: E402
+from rdcd.preprocess import (  # noqa: E402
+    REDUCING_GAP,
+    RESAMPLE,
+    ImageError,
+    decode_image,
+    load_rgb,
+    output_size,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -41,9 +48,12 @@ def _simplejpeg_loader(size: int, policy: str) -> Callable[[bytes], np.ndarray] 
         return None
 
     def load(data: bytes) -> np.ndarray:
-        # min_width/min_height make simplejpeg pick the same DCT scale as PIL's draft.
+        # Speed reference only: no EXIF orientation, no CMYK/alpha handling.
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=size, min_height=size)
-        return np.asarray(resize_image(Image.fromarray(pixels), size, policy))
+        target = output_size((width, height), size, policy)
+        resized = Image.fromarray(pixels).resize(target, RESAMPLE, reducing_gap=REDUCING_GAP)
+        return np.asarray(resized)
 
     return load
 

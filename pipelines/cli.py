@@ -9,7 +9,11 @@ import sys
 from pipelines.jobs import add_common_arguments, run_job
 
 # Each module defines COMMAND, HELP, add_arguments(parser) and run(args, config) -> summary.
-JOB_MODULES: tuple[str, ...] = ()
+JOB_MODULES: tuple[str, ...] = (
+    "pipelines.synth",
+    "pipelines.eval",
+    "pipelines.calibrate",
+)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -375,3 +375,38 @@ def calibrate_threshold(
         n_positives=positives,
         best_precision=best_precision,
     )
+
+
+def labelled_predictions(
+    query_ids: Sequence, reference_ids: Sequence, scores: Sequence[float], truth: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, is-a-true-copy labels, |G|) for calibrating on copy-detection predictions."""
+    frame = _prediction_frame(query_ids, reference_ids, scores)
+    labels = _label(frame, "query_id", "reference_id", truth)
+    return frame["score"].to_numpy(), np.asarray(labels, dtype=bool), len(truth)
+
+
+def labelled_pairs(
+    ids_a: Sequence, ids_b: Sequence, scores: Sequence[float], truth: pd.Series
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(scores, same-true-group labels, number of true pairs) for calibrating on dedup pairs.
+
+    A pair listed twice (either order) keeps its highest score.
+    """
+    a, b = _normalised(ids_a), _normalised(ids_b)
+    frame = pd.DataFrame(
+        {
+            "a": np.where(a < b, a, b),
+            "b": np.where(a < b, b, a),
+            "score": np.asarray(scores, dtype=np.float64),
+        }
+    )
+    frame = frame[frame["a"] != frame["b"]].groupby(["a", "b"], as_index=False)["score"].max()
+    unknown = sorted({*frame["a"], *frame["b"]} - set(truth.index))
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} image ids in the pairs are not in groups.csv: {unknown[:3]}"
+        )
+    labels = truth.loc[frame["a"]].to_numpy() == truth.loc[frame["b"]].to_numpy()
+    sizes = truth.value_counts()
+    return frame["score"].to_numpy(), labels, int((sizes * (sizes - 1) // 2).sum())

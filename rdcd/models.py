@@ -76,6 +76,18 @@ def _drop_unused_modules(backbone: nn.Module) -> None:
         setattr(parent, child, nn.Identity())
 
 
+class Whitening(nn.Module):
+    """PCA whitening learned after training: (z - mean) @ matrix.T, then L2 again."""
+
+    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("matrix", matrix.float())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize((z - self.mean) @ self.matrix.T, dim=-1)
+
+
 class DescriptorModel(nn.Module):
     """Student network. forward -> z (B, dim); forward_kd -> h (B, kd_dim); both unit-norm."""
 
@@ -103,9 +115,28 @@ class DescriptorModel(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.kd_head = nn.Linear(self.feature_dim, self.kd_dim)
         self.projector = nn.Linear(self.kd_dim, self.dim)
+        self.whitening: Whitening | None = None
         if pretrained:
             source = pretrained if isinstance(pretrained, str) else "auto"
             load_backbone_weights(self, backbone, source)
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of the deployed descriptor (after whitening when the model has one)."""
+        return self.dim if self.whitening is None else int(self.whitening.matrix.shape[0])
+
+    def set_whitening(self, mean: torch.Tensor | None, matrix: torch.Tensor | None) -> None:
+        """Attach (or with None, remove) the inference-time whitening; forward() ignores it
+        because training works on the raw descriptor."""
+        if mean is None or matrix is None:
+            self.whitening = None
+            return
+        if matrix.ndim != 2 or matrix.shape[1] != self.dim or mean.shape != (self.dim,):
+            raise ValueError(
+                f"whitening must map {self.dim} dims: mean ({self.dim},), "
+                f"matrix (d_out, {self.dim})"
+            )
+        self.whitening = Whitening(torch.as_tensor(mean), torch.as_tensor(matrix))
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """GeM-pooled trunk features (B, feature_dim), before dropout and heads."""
@@ -125,35 +156,17 @@ class DescriptorModel(nn.Module):
         return F.normalize(self.projector(self._kd_raw(x)), dim=-1)
 
 
-class Whitening(nn.Module):
-    """PCA whitening learned after training: (z - mean) @ matrix.T, then L2 again."""
-
-    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("matrix", matrix.float())
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize((z - self.mean) @ self.matrix.T, dim=-1)
-
-
 class PixelModel(nn.Module):
     """uint8 NHWC pixels in, unit-norm descriptors out: the deployable graph.
 
-    Normalisation lives inside so every runtime (torch, ONNX Runtime) takes the same raw
-    batch that rdcd.preprocess produces; permuting NHWC to NCHW yields a channels_last tensor.
+    Normalisation (and the model's whitening, if any) lives inside so every runtime (torch,
+    ONNX Runtime) takes the same raw batch that rdcd.preprocess produces; permuting NHWC to
+    NCHW yields a channels_last tensor.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        mean: Iterable[float],
-        std: Iterable[float],
-        whitening: Whitening | None = None,
-    ):
+    def __init__(self, model: nn.Module, mean: Iterable[float], std: Iterable[float]):
         super().__init__()
         self.model = model
-        self.whitening = whitening
         shift = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
         scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
         self.register_buffer("shift", shift)
@@ -162,9 +175,8 @@ class PixelModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() - self.shift) * self.scale
         z = F.normalize(self.model(x).float(), dim=-1)
-        if self.whitening is not None:
-            z = self.whitening(z)
-        return z
+        whitening = getattr(self.model, "whitening", None)
+        return z if whitening is None else whitening(z)
 
 
 def normalise_batch(
@@ -204,7 +216,8 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
             f"{LITE0_PACKAGE} holds {len(source)} tensors, timm expects {len(reference)}"
         )
     mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(source.items(), reference.items(), strict=True):
+    pairs = zip(source.items(), reference.items(), strict=True)
+    for (src_key, tensor), (dst_key, expected) in pairs:
         if tensor.shape != expected.shape:
             raise WeightsError(
                 f"{LITE0_PACKAGE}: {src_key} {tuple(tensor.shape)} does not fit timm "
@@ -284,7 +297,7 @@ def load_backbone_weights(model_or_backbone: nn.Module, name: str, source: str =
     wanted = target.state_dict()
     state = _strip_prefixes(state, set(wanted))
     state = {key: value for key, value in state.items() if key in wanted}
-    missing = [key for key in wanted if key not in state and not key.endswith("num_batches_tracked")]
+    missing = [k for k in wanted if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         raise WeightsError(
             f"weights for {name} lack {len(missing)} of the trunk's tensors, e.g. {missing[:3]}"

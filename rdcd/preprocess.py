@@ -79,18 +79,7 @@ def decode_image(
 def resize_image(img: Image.Image, size: int, policy: str) -> Image.Image:
     """Resize by ``policy``: "square" (size x size, aspect ignored: the DISC/RDCD protocol)
     or "short_side" (short side = size, aspect kept, long side truncated like torchvision)."""
-    if size < 1:
-        raise ValueError(f"resize size must be >= 1, got {size}")
-    width, height = img.size
-    if policy == "square":
-        new_size = (size, size)
-    elif policy == "short_side":
-        if width <= height:
-            new_size = (size, max(1, int(size * height / width)))
-        else:
-            new_size = (max(1, int(size * width / height)), size)
-    else:
-        raise ValueError(f"unknown resize policy {policy!r}; expected one of {POLICIES}")
+    new_size = output_size(img.size, size, policy)
     if new_size == img.size:
         return img
     return img.resize(new_size, RESAMPLE, reducing_gap=REDUCING_GAP)
@@ -106,11 +95,27 @@ def load_rgb(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode and resize: returns the (H, W, 3) uint8 array and the ORIGINAL upright
     (width, height) of the file, before any draft reduction or resize."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown resize policy {policy!r}; expected one of {POLICIES}")
+    output_size((1, 1), size, policy)  # argument errors before any decoding work
     img, original_size = _decode(data, max_pixels=max_pixels, target_size=size, draft=draft)
-    resized = resize_image(img, size, policy)
-    return np.array(resized, dtype=np.uint8), original_size
+    # Sized from the original, so a draft's rounding never changes the output shape.
+    new_size = output_size(original_size, size, policy)
+    if img.size != new_size:
+        img = img.resize(new_size, RESAMPLE, reducing_gap=REDUCING_GAP)
+    return np.array(img, dtype=np.uint8), original_size
+
+
+def output_size(source: tuple[int, int], size: int, policy: str) -> tuple[int, int]:
+    """The (width, height) that ``policy`` gives a ``source`` of (width, height)."""
+    if size < 1:
+        raise ValueError(f"resize size must be >= 1, got {size}")
+    width, height = source
+    if policy == "square":
+        return (size, size)
+    if policy == "short_side":
+        if width <= height:
+            return (size, max(1, int(size * height / width)))
+        return (max(1, int(size * width / height)), size)
+    raise ValueError(f"unknown resize policy {policy!r}; expected one of {POLICIES}")
 
 
 def _decode(

@@ -132,7 +132,7 @@ def tiny_png() -> bytes:
 def large_jpeg(size: tuple[int, int] = (12000, 9000)) -> bytes:
     """A very large (default 108 Mpx) but cheap-to-encode JPEG: a few flat colour bands.
 
-    Exercises the pixel limits and JPEG draft decoding. Cheap to encode (~0.3 s), but a full
+    Exercises the pixel limits and JPEG draft decoding. Cheap to encode (< 1 s), but a full
     decode needs ~330 MB, so it is not part of ``good_image_bytes()``.
     """
     width, height = size

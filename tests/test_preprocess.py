@@ -25,7 +25,7 @@ from images import (
 )
 from PIL import Image
 
-from rdcd.preprocess import ImageError, decode_image, load_rgb, resize_image
+from rdcd.preprocess import ImageError, decode_image, load_rgb, output_size, resize_image
 
 GOOD = good_image_bytes()
 BAD = bad_image_bytes()
@@ -230,6 +230,17 @@ def test_draft_result_is_close_to_full_decode(policy):
     assert original == original_full == (1280, 960)
     assert drafted.shape == full.shape
     assert np.abs(drafted.astype(int) - full).mean() < 3
+
+
+@pytest.mark.parametrize("source", [(1023, 769), (801, 1203)])
+def test_draft_never_changes_the_output_shape(source):
+    # A draft of 1023x769 is 256x193, whose aspect would give 169 instead of 170 columns.
+    data = jpeg(12, source)
+    assert decode_image(data, target_size=128).size != source
+    drafted, original = load_rgb(data, size=128, policy="short_side")
+    full, _ = load_rgb(data, size=128, policy="short_side", draft=False)
+    width, height = output_size(source, 128, "short_side")
+    assert original == source and drafted.shape == full.shape == (height, width, 3)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
