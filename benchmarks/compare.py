@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ from rdcd.metrics import IMAGE_EXTENSIONS  # noqa: E402
 from rdcd.storage import StorageOptions  # noqa: E402
 
 PYTHON = sys.executable
-RDCD = [PYTHON, "-m", "pipelines.cli"]
 BASELINES = [PYTHON, str(ROOT / "benchmarks" / "baselines.py")]
+SSCD_THRESHOLD = 0.75
+"""SSCD's README: for sscd_disc_mixup, cosine > 0.75 means a copy with 90% precision on DISC."""
 
 
 @dataclass
@@ -49,13 +51,40 @@ class Method:
     search_output: str  # what `rdcd eval` reads, relative to {out}
     dedup_output: str
     needs: tuple[str, ...] = ()  # importable modules
+    needs_background: str | None = None  # model whose background descriptors {background_*} is
     note: str = ""
     results: dict = field(default_factory=dict)
 
 
-def methods() -> list[Method]:
-    rdcd_search = [*RDCD, "search", "{queries}", "{references}", "{out}", "--k", "10"]
-    rdcd_dedup = [*RDCD, "dedup", "{images}", "{out}"]
+def methods(background: str | None) -> list[Method]:
+    """The contenders; `python -m pipelines.<job>` is exactly `rdcd <job>`."""
+    search = [PYTHON, "-m", "pipelines.search", "{queries}", "{references}", "{out}", "--k", "10"]
+    dedup = [PYTHON, "-m", "pipelines.dedup", "{images}", "{out}"]
+    found = [
+        Method("rdcd, default model", search, dedup, "", "", note="threshold from its card"),
+        Method(
+            "rdcd, SSCD teacher",
+            [*search, "--model", "sscd"],
+            [*dedup, "--model", "sscd", "--threshold", str(SSCD_THRESHOLD)],
+            "",
+            "",
+            note=f"SSCD disc_mixup (int8 ONNX, 512-d); dedup at cosine {SSCD_THRESHOLD}, the "
+            "threshold SSCD's README gives for 90% precision on DISC",
+        ),
+    ]
+    if background:
+        for model, name in (("default", "rdcd, default model"), ("sscd", "rdcd, SSCD teacher")):
+            found.append(
+                Method(
+                    f"{name} + score normalisation",
+                    [*search, "--model", model, "--background", "{background_" + model + "}"],
+                    [],
+                    "",
+                    "",
+                    needs_background=model,
+                    note=f"search --background: descriptors of {background} (METHOD.md 4.4)",
+                )
+            )
     hashes = [
         ("pHash (imagehash)", "phash", "imagehash", "64-bit DCT hash; dedup at Hamming <= 10"),
         ("PDQ (pdqhash)", "pdq", "pdqhash", "256-bit; dedup at Hamming <= 31 (ThreatExchange)"),
@@ -64,17 +93,6 @@ def methods() -> list[Method]:
             "imagededup-phash",
             "imagededup",
             "dedup = its find_duplicates(max_distance_threshold=10)",
-        ),
-    ]
-    found = [
-        Method("rdcd, default model", rdcd_search, rdcd_dedup, "", ""),
-        Method(
-            "rdcd, SSCD teacher",
-            [*rdcd_search, "--model", "sscd"],
-            [*rdcd_dedup, "--model", "sscd"],
-            "",
-            "",
-            note="SSCD disc_mixup int8 ONNX, 512-d",
         ),
     ]
     for name, key, module, note in hashes:
@@ -149,31 +167,43 @@ def _fill(command: list[str], **values: str) -> list[str]:
     return [part.format(**values) for part in command]
 
 
-def run_method(method: Method, bench: Path, work: Path) -> None:
+def embed_background(model: str, images: str, work: Path) -> str:
+    """Background descriptors for score normalisation (set-up, not part of any timing)."""
+    out = work / f"background-{model}"
+    command = [PYTHON, "-m", "pipelines.embed", images, str(out), "--model", model]
+    print(f"[background] {' '.join(command)}", flush=True)
+    log = work / f"background-{model}.log"
+    if measure(command, log)["rc"] != 0:
+        raise SystemExit(f"embedding the background failed; see {log}")
+    return str(out / "descriptors")
+
+
+def run_method(method: Method, bench: Path, work: Path, backgrounds: dict[str, str]) -> None:
     missing = [m for m in method.needs if importlib.util.find_spec(m) is None]
     if missing:
         method.results = {"skipped": f"not installed: pip install {' '.join(missing)}"}
         return
     slug = "".join(c if c.isalnum() else "-" for c in method.name.lower()).strip("-")
+    slug = "-".join(part for part in slug.split("-") if part)
+    values = {
+        "queries": str(bench / "queries"),
+        "references": str(bench / "references"),
+        "images": str(bench / "dedup" / "images"),
+        **{f"background_{model}": url for model, url in backgrounds.items()},
+    }
     tasks = {
         "search": (
-            _fill(
-                method.search,
-                queries=str(bench / "queries"),
-                references=str(bench / "references"),
-                out=str(work / slug / "search"),
-            ),
+            _fill(method.search, **values, out=str(work / slug / "search")),
             work / slug / "search" / method.search_output,
             _count_images(bench / "queries") + _count_images(bench / "references"),
         ),
-        "dedup": (
-            _fill(
-                method.dedup, images=str(bench / "dedup" / "images"), out=str(work / slug / "dedup")
-            ),
+    }
+    if method.dedup:
+        tasks["dedup"] = (
+            _fill(method.dedup, **values, out=str(work / slug / "dedup")),
             work / slug / "dedup" / method.dedup_output,
             _count_images(bench / "dedup" / "images"),
-        ),
-    }
+        )
     (work / slug).mkdir(parents=True, exist_ok=True)
     for task, (command, output, n_images) in tasks.items():
         print(f"[{method.name}] {task}: {' '.join(command)}", flush=True)
@@ -222,9 +252,9 @@ def render(found: list[Method], bench: Path, counts: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method in found:
-        lines.append(
-            _row(method, "dedup", ("pair_precision", "pair_recall", "pair_f1", "bcubed_f1"))
-        )
+        if method.dedup:
+            keys = ("pair_precision", "pair_recall", "pair_f1", "bcubed_f1")
+            lines.append(_row(method, "dedup", keys))
     lines += ["", "Notes:", ""]
     for method in found:
         if method.note:
@@ -256,19 +286,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bench", type=Path, help="output folder of `rdcd synth`")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/compare.md")
-    parser.add_argument("--work", type=Path, help="scratch folder (default: OUT's folder/work)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "rdcd-compare",
+        help="scratch folder for every method's outputs and logs",
+    )
     parser.add_argument("--only", nargs="*", help="run only methods whose name contains these")
+    parser.add_argument(
+        "--background",
+        help="images never used as references (e.g. other photos): adds rdcd rows with score "
+        "normalisation against them",
+    )
     args = parser.parse_args(argv)
     manifest_path = args.bench / "manifest.json"
     if not manifest_path.is_file():
         parser.error(f"{args.bench} is not a `rdcd synth` output (no manifest.json)")
     counts = json.loads(manifest_path.read_text())["counts"]
-    work = args.work or args.out.parent / "work"
+    work = args.work
     found = [
-        m for m in methods() if not args.only or any(o.lower() in m.name.lower() for o in args.only)
+        m
+        for m in methods(args.background)
+        if not args.only or any(o.lower() in m.name.lower() for o in args.only)
     ]
+    work.mkdir(parents=True, exist_ok=True)
+    backgrounds = {
+        model: embed_background(model, args.background, work.resolve())
+        for model in sorted({m.needs_background for m in found if m.needs_background})
+    }
     for method in found:
-        run_method(method, args.bench.resolve(), work.resolve())
+        run_method(method, args.bench.resolve(), work.resolve(), backgrounds)
     report = render(found, args.bench, counts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

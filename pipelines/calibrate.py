@@ -76,10 +76,10 @@ def check_provenance(predictions: str, card: cards.ModelCard, options) -> None:
                 f"the predictions were made by model {used}, not {card.model_id}; "
                 "calibrate the model that produced them"
             )
-        if manifest.get("score_norm"):
+        if manifest.get("score_normalisation"):
             raise JobError(
-                "these scores are score-normalised (search --score-norm); a card threshold "
-                "applies to plain cosine similarities: calibrate on a run without it"
+                "these scores are score-normalised (--background); a card threshold applies "
+                "to plain cosine similarities: calibrate on a run without --background"
             )
         return
 

@@ -13,6 +13,12 @@ JOB_MODULES: tuple[str, ...] = (
     "pipelines.synth",
     "pipelines.eval",
     "pipelines.calibrate",
+    "pipelines.dedup",
+    "pipelines.index",
+    "pipelines.search",
+    "pipelines.report",
+    "pipelines.nightly",
+    "pipelines.backfill",
 )
 
 

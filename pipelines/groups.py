@@ -25,7 +25,7 @@ from rdcd import storage as st
 ATTRIBUTE_COLUMNS = ["image_id", "uri", "width", "height"]
 
 
-def read_table(folder_url: str, columns: list[str], options, kind: str) -> pa.Table:
+def read_table(folder_url: str, columns: list[str] | None, options, kind: str) -> pa.Table:
     """All part files of a stage folder (pairs/, groups/, ...) as one table."""
     files = list_parquet(folder_url, options)
     if not files:

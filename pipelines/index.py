@@ -42,8 +42,18 @@ HELP = (
 )
 # Settings that change what is built (worker sizing and GPU use do not).
 BUILD_KEYS = (
-    "factory", "kind", "flat_max_vectors", "metric", "nlist", "nlist_per_sqrt_n", "code",
-    "memory_budget_gb", "hnsw_min_nlist", "hnsw_m", "train_points_per_centroid", "seed",
+    "factory",
+    "kind",
+    "flat_max_vectors",
+    "metric",
+    "nlist",
+    "nlist_per_sqrt_n",
+    "code",
+    "memory_budget_gb",
+    "hnsw_min_nlist",
+    "hnsw_m",
+    "train_points_per_centroid",
+    "seed",
     "shard_vectors",
 )
 ADD_CHUNK = 65536  # rows per faiss add call: bounds the float32 copy of the fp16 rows
@@ -122,13 +132,15 @@ def list_parquet(url: str, options: st.StorageOptions) -> list[tuple[str, int]]:
 
 def _read_schema(url: str, options: st.StorageOptions) -> pa.Schema:
     try:
-        return pq.read_schema(st.strip_protocol(url), filesystem=st.get_pyarrow_filesystem(url, options))
+        return pq.read_schema(
+            st.strip_protocol(url), filesystem=st.get_pyarrow_filesystem(url, options)
+        )
     except (pa.ArrowException, OSError) as exc:
         raise JobError(f"{url}: not a readable Parquet file ({exc})") from exc
 
 
 def read_parquet(
-    url: str, columns: list[str], options: st.StorageOptions, kind: str = "descriptors"
+    url: str, columns: list[str] | None, options: st.StorageOptions, kind: str = "descriptors"
 ) -> pa.Table:
     """Columns of one Parquet file; a clear error naming a corrupt or foreign file."""
     try:
@@ -328,7 +340,9 @@ def run_index(
     started = time.perf_counter()
     found = find_descriptors(descriptors_url, options)
     if found is None:
-        raise JobError(f"{descriptors_url}: no descriptors table (Parquet with a descriptor column)")
+        raise JobError(
+            f"{descriptors_url}: no descriptors table (Parquet with a descriptor column)"
+        )
     files, dim = describe_files(found, options)
     n = sum(f.rows for f in files)
     build = {k: cfg[k] for k in BUILD_KEYS}
@@ -373,9 +387,9 @@ def run_index(
     if params is not None:
         t0 = time.perf_counter()
         train_cpus = cfg["train_cpus"] or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        trained = train_shard_sample.options(
-            num_cpus=train_cpus, num_gpus=1 if gpu else 0
-        ).remote(out_url, [s.name for s in shards], asdict(params), dim, gpu, options)
+        trained = train_shard_sample.options(num_cpus=train_cpus, num_gpus=1 if gpu else 0).remote(
+            out_url, [s.name for s in shards], asdict(params), dim, gpu, options
+        )
         workers += stage.wait_for([trained], "index: train", "index")
         timings["train_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -388,7 +402,9 @@ def run_index(
         workers += stage.wait_for(refs, "index: add", "shard")
         timings["add_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        merged = merge_index.options(num_cpus=cpus).remote(out_url, [s.name for s in shards], options)
+        merged = merge_index.options(num_cpus=cpus).remote(
+            out_url, [s.name for s in shards], options
+        )
         files_info = stage.wait_for([merged], "index: merge", "index")[0]
         workers.append(files_info)
         timings["merge_s"] = time.perf_counter() - t0
@@ -411,6 +427,7 @@ def run_index(
             "index": ix.INDEX_FILE if params else None,
             "index_bytes": files_info.get("index_bytes"),
             "ivfdata_bytes": files_info.get("ivfdata_bytes"),
+            "ivfdata_path": files_info.get("ivfdata_path"),
         },
         "shards": [
             {

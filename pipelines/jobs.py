@@ -65,7 +65,9 @@ def run_job(job: ModuleType, args: argparse.Namespace) -> int:
         print(f"rdcd {job.COMMAND}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"rdcd {job.COMMAND}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(
+            f"rdcd {job.COMMAND}: interrupted; re-run the same command to resume", file=sys.stderr
+        )
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless --debug
         if args.debug:

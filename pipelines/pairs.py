@@ -35,8 +35,9 @@ from rdcd.vectors import VectorStore, local_copy, save_vectors
 
 WORK_DIR = "_work"
 PART_ROWS = 1_000_000  # rows per output Parquet file
-# Per worker process: opened indexes and vector stores, reused by every task the process runs.
-_OPEN: dict[tuple, Any] = {}
+# Per worker process: opened vector stores and indexes, reused by the tasks the process runs
+# as long as the files are unchanged (a rebuilt index is reopened, never read through a stale map).
+_OPEN: dict[tuple, tuple[tuple, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -76,21 +77,34 @@ class MatchSettings:
         )
 
 
+def _stamp(paths: list[str]) -> tuple:
+    return tuple((p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths)
+
+
+def _cached(key: tuple, paths: list[str], opener):
+    stamp = _stamp(paths)
+    if key not in _OPEN or _OPEN[key][0] != stamp:
+        _OPEN[key] = (stamp, opener())
+    return _OPEN[key][1]
+
+
 def opened_store(index_url: str, options) -> tuple[dict[str, Any], VectorStore]:
-    """index.json and the vector store of a folder, opened once per worker process."""
-    key = ("store", index_url)
-    if key not in _OPEN:
-        meta = ix.read_meta(index_url, options)
-        _OPEN[key] = (meta, ix.open_vector_store(index_url, meta, options))
-    return _OPEN[key]
+    """index.json and the vector store of an index folder."""
+    meta = ix.read_meta(index_url, options)
+    paths = ix.local_files(index_url, meta, options)["vectors"]
+    store = _cached(("store", index_url), paths, lambda: ix.open_vector_store(paths, meta))
+    return meta, store
 
 
 def opened_searcher(index_url: str, nprobe: int, gpu: bool, options):
+    """The merged index of a folder, ready to search."""
+    meta = ix.read_meta(index_url, options)
+    files = ix.local_files(index_url, meta, options)
+    if "index" not in files:
+        raise ix.IndexFileError(f"{index_url}: holds vectors only, no index to search")
+    paths = [files["index"], *([files["ivfdata"]] if "ivfdata" in files else [])]
     key = ("index", index_url, nprobe, gpu)
-    if key not in _OPEN:
-        meta, _ = opened_store(index_url, options)
-        _OPEN[key] = ix.open_searcher(index_url, meta, nprobe, gpu, options)
-    return _OPEN[key]
+    return _cached(key, paths, lambda: ix.open_searcher(files["index"], meta, nprobe, gpu))
 
 
 def query_chunks(meta: dict[str, Any], query_rows: int) -> list[tuple[int, int]]:
@@ -108,8 +122,14 @@ def chunk_name(lo: int) -> str:
 
 @ray.remote
 def background_offsets(
-    query_url: str, background_url: str, lo: int, hi: int, settings: MatchSettings, gpu: bool,
-    target: str, options,
+    query_url: str,
+    background_url: str,
+    lo: int,
+    hi: int,
+    settings: MatchSettings,
+    gpu: bool,
+    target: str,
+    options,
 ) -> dict[str, Any]:
     """beta * mean similarity of each query row to its nearest background images."""
     if st.exists(target, options):
@@ -131,7 +151,11 @@ def background_offsets(
 
 
 def compute_offsets(
-    query_url: str, background_url: str, work_url: str, settings: MatchSettings, gpu: bool,
+    query_url: str,
+    background_url: str,
+    work_url: str,
+    settings: MatchSettings,
+    gpu: bool,
     options,
 ) -> list[str]:
     """Run background_offsets over every query chunk; returns the per-chunk file URLs."""
@@ -157,8 +181,14 @@ def open_offsets(urls: list[str], chunks: list[tuple[int, int]], options) -> Vec
 
 @ray.remote
 def knn_chunk(
-    index_url: str, lo: int, hi: int, settings: MatchSettings, offset_urls: list[str] | None,
-    gpu: bool, target: str, options,
+    index_url: str,
+    lo: int,
+    hi: int,
+    settings: MatchSettings,
+    offset_urls: list[str] | None,
+    gpu: bool,
+    target: str,
+    options,
 ) -> dict[str, Any]:
     """Pairs above the threshold (and near misses) found from query rows [lo, hi)."""
     if st.exists(target, options):
@@ -240,7 +270,7 @@ def exact_reduce(index_url: str, offset_urls: list[str] | None, settings, option
     return a, b, scores
 
 
-def _image_ids(index_url: str, meta: dict[str, Any], ids: np.ndarray, options) -> pa.Array:
+def image_ids_of(index_url: str, meta: dict[str, Any], ids: np.ndarray, options) -> pa.Array:
     """image_id of each dense id, reading one shard's id map at a time."""
     out = np.empty(len(ids), dtype=object)
     for shard in meta["shards"]:
@@ -260,7 +290,7 @@ def pairs_table(
     index_url: str, meta: dict[str, Any], a, b, score, exact, run_id: str, options
 ) -> pa.Table:
     """Dense-id pairs -> PAIRS_SCHEMA rows with image_id_a < image_id_b, sorted."""
-    ids = _image_ids(index_url, meta, np.concatenate([a, b]), options)
+    ids = image_ids_of(index_url, meta, np.concatenate([a, b]), options)
     ia, ib = ids[: len(a)], ids[len(a) :]
     if pc.any(pc.equal(ia, ib)).as_py():
         dup = pc.filter(ia, pc.equal(ia, ib))[0].as_py()
@@ -342,13 +372,16 @@ def run_pairs(
     index_manifest = st.read_manifest(index_url, options) or {}
     background_print = None
     if background_url is not None:
-        background_print = run_index(
-            background_url, st.join(out_url, "background_index"), config
-        )["meta"]["counts"]
+        background_print = run_index(background_url, st.join(out_url, "background_index"), config)[
+            "meta"
+        ]["counts"]
     # Worker sizing does not change the result; everything else in the settings does.
     result_settings = replace(settings, task_cpus=0, batch_rows=0)
     print_ = stage.fingerprint(
-        index_manifest.get("fingerprint"), result_settings, run_id, background_url,
+        index_manifest.get("fingerprint"),
+        result_settings,
+        run_id,
+        background_url,
         background_print,
     )
     current = stage.current_manifest(pairs_url, print_, options)

@@ -47,7 +47,10 @@ def reset_if_stale(url: str, print_: str, options: st.StorageOptions) -> None:
     path = st.strip_protocol(url)
     plan_url = st.join(url, "_fingerprint.json")
     if fs.exists(path):
-        if st.exists(plan_url, options) and st.read_json(plan_url, options).get("fingerprint") == print_:
+        if (
+            st.exists(plan_url, options)
+            and st.read_json(plan_url, options).get("fingerprint") == print_
+        ):
             return
         fs.rm(path, recursive=True)
         fs.invalidate_cache()

@@ -160,7 +160,8 @@ def _tensors_of(model: DescriptorModel) -> dict[str, torch.Tensor]:
             tensor = tensor.float()
         elif tensor.is_floating_point():
             tensor = tensor.half()
-        tensors[name] = tensor.contiguous()
+        # A clone with standard strides: channels_last or size-1 dims must not reach the bytes.
+        tensors[name] = tensor.clone(memory_format=torch.contiguous_format)
     return tensors
 
 
@@ -172,7 +173,7 @@ def compute_model_id(card: ModelCard, tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     backbone = card.architecture.backbone
     short = SHORT_NAMES.get(backbone, re.sub(r"[^a-z0-9]+", "", backbone.lower()))
     return f"rdcd-{short}-{card.output_dim}-{digest.hexdigest()[:12]}"

@@ -66,10 +66,11 @@ def imbalance(sizes: np.ndarray) -> float:
     return float(len(sizes) * np.square(sizes.astype(np.float64)).sum() / total**2)
 
 
-def baseline(residuals: np.ndarray, sizes: np.ndarray, trained_on: int) -> dict[str, float]:
-    """The reference figures recorded right after (re)training."""
+def baseline(residual: float, sizes: np.ndarray, trained_on: int) -> dict[str, float]:
+    """The reference figures recorded right after (re)training: the training sample's mean
+    squared residual, the list imbalance after adding everything, the image count."""
     return {
-        "residual": float(residuals.mean()) if len(residuals) else 0.0,
+        "residual": float(residual),
         "imbalance": imbalance(sizes),
         "trained_on": int(trained_on),
     }
@@ -77,22 +78,21 @@ def baseline(residuals: np.ndarray, sizes: np.ndarray, trained_on: int) -> dict[
 
 def assess(
     reference: dict[str, float],
-    new_residuals: np.ndarray,
+    new_residual: float,
     sizes_after: np.ndarray,
     total_after: int,
     bounds: DriftBounds,
 ) -> dict[str, Any]:
-    """The drift report of one add: the three ratios, and whether (and why) to retrain."""
-    residual = float(new_residuals.mean()) if len(new_residuals) else 0.0
-    quantisation_ratio = residual / reference["residual"] if reference["residual"] > 0 else 1.0
+    """The drift report of one add (new_residual: the new vectors' mean squared residual):
+    the three ratios, and whether (and why) to retrain."""
+    quantisation_ratio = new_residual / reference["residual"] if reference["residual"] > 0 else 1.0
     current = imbalance(sizes_after)
     imbalance_ratio = current / reference["imbalance"] if reference["imbalance"] > 0 else 1.0
     growth = total_after / max(1, reference["trained_on"])
     reasons = []
-    if len(new_residuals) and quantisation_ratio > bounds.max_quantisation_ratio:
-        reasons.append(
-            f"quantisation error {quantisation_ratio:.2f}x training > {bounds.max_quantisation_ratio}"
-        )
+    if quantisation_ratio > bounds.max_quantisation_ratio:
+        limit = bounds.max_quantisation_ratio
+        reasons.append(f"quantisation error {quantisation_ratio:.2f}x training > {limit}")
     if imbalance_ratio > bounds.max_imbalance_ratio:
         reasons.append(
             f"list imbalance {imbalance_ratio:.2f}x training > {bounds.max_imbalance_ratio}"

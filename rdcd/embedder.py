@@ -208,14 +208,11 @@ def export_onnx(module: nn.Module, path: Path, input_size: int) -> None:
         os.replace(tmp_path, path)
 
 
-def _student_onnx(
-    module: nn.Module, card: ModelCard, threads: int | None, cache_dir: str | None
-) -> OnnxEmbedder | None:
-    """ONNX Runtime for a student, or None (with a warning) when it does not match eager."""
-    path = _cache_dir(cache_dir) / f"{card.model_id}-{card.input.size}.onnx"
+def _checked_onnx(
+    path: Path, module: nn.Module, card: ModelCard, threads: int | None
+) -> tuple[OnnxEmbedder | None, str]:
+    """(embedder, "") when the graph at path reproduces eager torch, else (None, why not)."""
     try:
-        if not path.is_file():
-            export_onnx(module, path, card.input.size)
         embedder = OnnxEmbedder(
             path,
             model_id=card.model_id,
@@ -228,16 +225,34 @@ def _student_onnx(
         with torch.inference_mode():
             eager = module.eval()(torch.from_numpy(check)).numpy()
         error = float(np.abs(embedder.embed(check) - eager).max())
-    except Exception as exc:  # any exporter/runtime failure means: serve with torch instead
-        warnings.warn(f"ONNX export of {card.model_id} failed ({exc}); using torch", stacklevel=3)
-        return None
+    except Exception as exc:  # a corrupt or foreign file: ONNX Runtime raises many types
+        return None, f"cannot be run ({exc})"
     if error > EXPORT_TOLERANCE:
-        warnings.warn(
-            f"ONNX output of {card.model_id} differs from eager by {error:.2e}; using torch",
-            stacklevel=3,
-        )
+        return None, f"differs from eager torch by {error:.2e}"
+    return embedder, ""
+
+
+def _student_onnx(
+    module: nn.Module, card: ModelCard, threads: int | None, cache_dir: str | None
+) -> OnnxEmbedder | None:
+    """ONNX Runtime for a student (exported once per model_id and size, checked against eager
+    torch every load), or None with a warning when the export cannot be trusted."""
+    path = _cache_dir(cache_dir) / f"{card.model_id}-{card.input.size}.onnx"
+    if path.is_file():
+        embedder, reason = _checked_onnx(path, module, card, threads)
+        if embedder is not None:
+            return embedder
+        log.info("cached %s %s; exporting again", path, reason)
         path.unlink(missing_ok=True)
+    try:
+        export_onnx(module, path, card.input.size)
+    except Exception as exc:  # exporter failures come in many types; torch still serves
+        warnings.warn(f"ONNX export of {card.model_id} failed ({exc}); using torch", stacklevel=4)
         return None
+    embedder, reason = _checked_onnx(path, module, card, threads)
+    if embedder is None:
+        path.unlink(missing_ok=True)
+        warnings.warn(f"ONNX export of {card.model_id} {reason}; using torch", stacklevel=4)
     return embedder
 
 
@@ -293,8 +308,15 @@ def _student(
     threads: int | None,
     storage: StorageOptions | None,
     cache_dir: str | None,
+    input_size: int | None,
+    resize: str | None,
 ) -> Embedder:
     model, card = load_model(spec, storage)
+    if input_size not in (None, card.input.size) or resize not in (None, card.input.resize):
+        raise EmbedderError(
+            f"{card.model_id} was made for {card.input.size}px '{card.input.resize}' input; "
+            f"a student's input size and resize policy come from its card"
+        )
     module = PixelModel(model, card.input.mean, card.input.std).eval()
     use_onnx = runtime == "onnx" or (runtime == "auto" and device == "cpu")
     if use_onnx and card.input.resize != "square":
@@ -347,7 +369,7 @@ def load_embedder(
     cache_dir: str | None = None,
 ) -> Embedder:
     """Load an embedder. spec: 'default' | 'sscd' | model directory/URL | 'torchscript:<path>'
-    | 'timm:<name>'. input_size/resize override teachers only (students follow their card).
+    | 'timm:<name>'. input_size/resize set a teacher's input; a student's come from its card.
     threads: ONNX Runtime intra-op threads, or torch.set_num_threads for torch runtimes."""
     if runtime not in RUNTIMES:
         raise EmbedderError(f"runtime '{runtime}' not in {RUNTIMES}")
@@ -378,9 +400,7 @@ def load_embedder(
             device=device,
             threads=threads,
         )
-    if input_size is not None or resize is not None:
-        raise EmbedderError("input_size/resize come from the model card for student models")
-    return _student(spec, device, runtime, threads, storage, cache_dir)
+    return _student(spec, device, runtime, threads, storage, cache_dir, input_size, resize)
 
 
 def embedder_from_config(config: dict[str, Any], spec: str | None = None) -> Embedder:

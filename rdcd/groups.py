@@ -33,7 +33,9 @@ def check_policy(policy: Sequence[str]) -> list[str]:
     """The keeper criteria in order, with the id tie-break appended when missing."""
     unknown = [c for c in policy if c not in KEEP_CRITERIA]
     if unknown:
-        raise ValueError(f"groups.keep_policy: unknown {unknown}; choose from {list(KEEP_CRITERIA)}")
+        raise ValueError(
+            f"groups.keep_policy: unknown {unknown}; choose from {list(KEEP_CRITERIA)}"
+        )
     criteria = list(dict.fromkeys(policy))
     if "id" not in criteria:
         criteria.append("id")
@@ -85,7 +87,7 @@ def _attribute(attributes: pa.Table, nodes: pa.Array, name: str) -> np.ndarray:
     """attributes[name] aligned to nodes; -1 where unknown (no row, null, or no column)."""
     if name not in attributes.column_names:
         return np.full(len(nodes), -1, dtype=np.int64)
-    where = pc.index_in(nodes, value_set=attributes["image_id"])
+    where = pc.index_in(nodes, value_set=attributes["image_id"].cast(pa.string()))
     values = pc.take(attributes[name].cast(pa.int64()), where)
     return pc.fill_null(values, -1).to_numpy().astype(np.int64)
 
@@ -145,5 +147,6 @@ def build_groups(pairs: pa.Table, attributes: pa.Table, policy: Sequence[str]) -
         },
         schema=GROUPS_SCHEMA,
     )
-    return table.sort_by([("group_id", "ascending"), ("is_keeper", "descending"),
-                          ("image_id", "ascending")])
+    return table.sort_by(
+        [("group_id", "ascending"), ("is_keeper", "descending"), ("image_id", "ascending")]
+    )

@@ -218,13 +218,15 @@ class Version:
 @dataclass
 class RunRecord:
     """One applied run in the ledger. Dense row ids first_id .. first_id + count - 1 are the
-    images it admitted; they index the vector and index shards."""
+    images it admitted; they index the vector and index parts. input is the URL it read, so a
+    backfill can replay the run with another model."""
 
     run_id: str
     kind: str
     date: str
     first_id: int
     count: int
+    input: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -259,8 +261,13 @@ class State:
                 "where it stopped), then run this one"
             )
         if self.pending is None:
-            self.pending = {"run_id": run_id, "kind": kind, "date": date, "first_id": self.total,
-                            "started": _now()}
+            self.pending = {
+                "run_id": run_id,
+                "kind": kind,
+                "date": date,
+                "first_id": self.total,
+                "started": _now(),
+            }
         return self.pending
 
     def to_dict(self) -> dict[str, Any]:

@@ -128,9 +128,13 @@ def choose_params(n: int, d: int, cfg: dict[str, Any]) -> IndexParams:
     if kind not in ("auto", "flat", "ivf"):
         raise ValueError(f"index.kind must be auto, flat or ivf, got {kind!r}")
     if kind == "flat" or (kind == "auto" and n <= int(cfg["flat_max_vectors"])):
-        reason = "kind=flat" if kind == "flat" else f"N <= flat_max_vectors={cfg['flat_max_vectors']}"
+        reason = (
+            "kind=flat" if kind == "flat" else f"N <= flat_max_vectors={cfg['flat_max_vectors']}"
+        )
         return IndexParams("Flat", metric, 0, 4 * d, 0, f"exact search ({reason})")
-    nlist = int(cfg["nlist"]) if cfg.get("nlist") else default_nlist(n, float(cfg["nlist_per_sqrt_n"]))
+    nlist = (
+        int(cfg["nlist"]) if cfg.get("nlist") else default_nlist(n, float(cfg["nlist_per_sqrt_n"]))
+    )
     budget = float(cfg["memory_budget_gb"]) * 1e9
     code = str(cfg["code"]) if cfg.get("code") not in (None, "auto") else _auto_code(n, d, budget)
     quantizer = f"IVF{nlist}"
@@ -182,7 +186,9 @@ def train(index: faiss.Index, sample: np.ndarray, use_gpu: bool = False) -> fais
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     ivf = faiss.try_extract_index_ivf(index)
     if use_gpu and ivf is not None:
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(index.d, ivf.metric_type))
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(
+            faiss.IndexFlat(index.d, ivf.metric_type)
+        )
     index.train(sample)
     if ivf is not None:
         ivf.clustering_index = None
@@ -256,6 +262,7 @@ def merge_shards(trained_path: str, shard_paths: list[str], out_dir: str) -> dic
         "ntotal": int(ntotal),
         "index_bytes": os.path.getsize(index_path) + os.path.getsize(ivfdata_path),
         "ivfdata_bytes": os.path.getsize(ivfdata_path),
+        "ivfdata_path": os.path.abspath(ivfdata_path),
     }
 
 
@@ -273,7 +280,10 @@ def load_for_search(
                 f"{data_path}: {size} bytes, index.json says {files['ivfdata_bytes']}; "
                 "the file is truncated or from another index"
             )
-    index = read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    # The data file's path is recorded inside index.faiss; when the folder was moved or copied
+    # (remote indexes are cached locally), faiss must look next to index.faiss instead.
+    moved = files.get("ivfdata_path") != os.path.abspath(os.path.join(index_dir, IVFDATA_FILE))
+    index = read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR if moved else 0)
     if index.ntotal != meta["counts"]["vectors"] or index.d != meta["d"]:
         raise IndexFileError(
             f"{path}: holds {index.ntotal} vectors of d={index.d}, index.json says "
@@ -322,26 +332,34 @@ def read_meta(index_url: str, options: StorageOptions | None = None) -> dict[str
         raise IndexFileError(f"{url}: unreadable ({exc})") from exc
 
 
-def open_vector_store(
+def local_files(
     index_url: str, meta: dict[str, Any], options: StorageOptions | None = None
-) -> VectorStore:
-    """The exact fp16 descriptors of an index folder, memory-mapped (remote: cached locally)."""
+) -> dict[str, Any]:
+    """Local paths of the files searchers open (a remote folder is cached on local disk)."""
+    files: dict[str, Any] = {
+        "vectors": [
+            local_copy(join(index_url, vectors_name(s["name"])), options) for s in meta["shards"]
+        ]
+    }
+    if meta["files"].get("index"):
+        files["index"] = local_copy(join(index_url, INDEX_FILE), options)
+        if meta["files"].get("ivfdata_bytes") is not None:
+            files["ivfdata"] = local_copy(join(index_url, IVFDATA_FILE), options)
+    return files
+
+
+def open_vector_store(paths: list[str], meta: dict[str, Any]) -> VectorStore:
+    """The exact fp16 descriptors of an index folder, memory-mapped."""
     shards = meta["shards"]
-    paths = [local_copy(join(index_url, vectors_name(s["name"])), options) for s in shards]
     return VectorStore.open(
         paths, [s["start"] for s in shards], [s["count"] for s in shards], meta["d"]
     )
 
 
 def open_searcher(
-    index_url: str,
-    meta: dict[str, Any],
-    nprobe: int,
-    use_gpu: bool = False,
-    options: StorageOptions | None = None,
+    index_path: str, meta: dict[str, Any], nprobe: int, use_gpu: bool = False
 ) -> faiss.Index:
     """The merged index of a folder, inverted lists memory-mapped, nprobe set."""
-    index_path = local_copy(join(index_url, INDEX_FILE), options)
-    if meta["files"].get("ivfdata_bytes") is not None:
-        local_copy(join(index_url, IVFDATA_FILE), options)
+    if not meta["files"].get("index"):
+        raise IndexFileError(f"{os.path.dirname(index_path)}: holds vectors only, no index")
     return load_for_search(os.path.dirname(index_path), meta, nprobe, use_gpu and gpu_available())

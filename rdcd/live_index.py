@@ -10,7 +10,7 @@ When the parts get many they are compacted into one on-disk part; when the quant
 Layout under VERSION/index/ (the ledger in state.json says which files are live):
 
     vectors/<run_id>.npy          the run's exact fp16 descriptors, rows = its dense ids
-    ids/<run_id>.parquet          row_id, image_id, content_hash, width, height: the id map
+    ids/<run_id>.parquet          the id map: row_id, image_id, uri, content_hash, sizes
     gen-<G>/trained.faiss         generation G's trained empty IVF index
     gen-<G>/parts/<name>.faiss    vectors added to it (+ .ivfdata for a compacted part)
     gen-<G>/parts/<name>.sizes.npy  its inverted-list sizes, for the imbalance check
@@ -43,11 +43,15 @@ IDS_SCHEMA = pa.schema(
     [
         ("row_id", pa.int64()),
         ("image_id", pa.string()),
+        ("uri", pa.string()),
         ("content_hash", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("bytes", pa.int64()),
     ]
 )
+"""The id map of a run. bytes is the object size the listing saw (null inside tar/Parquet
+containers): a listed id whose size changed is re-read, and the keep policy's file_size."""
 FLAT_CHUNK = 65536  # history rows converted to float32 at a time by the exact search
 
 
@@ -146,7 +150,9 @@ def open_store(
 
 
 def read_ids(
-    version_url: str, spans: list[Span], storage: st.StorageOptions | None,
+    version_url: str,
+    spans: list[Span],
+    storage: st.StorageOptions | None,
     columns: list[str] | None = None,
 ) -> pa.Table:
     """The id map rows of the given runs, in dense id order."""
@@ -158,13 +164,18 @@ def read_ids(
         with st.get_filesystem(url, storage).open(st.strip_protocol(url), "rb") as handle:
             tables.append(pq.read_table(handle, columns=columns))
     if not tables:
-        schema = IDS_SCHEMA if columns is None else pa.schema([IDS_SCHEMA.field(c) for c in columns])
+        schema = (
+            IDS_SCHEMA if columns is None else pa.schema([IDS_SCHEMA.field(c) for c in columns])
+        )
         return schema.empty_table()
     return pa.concat_tables(tables)
 
 
 def lookup_rows(
-    version_url: str, spans: list[Span], rows: np.ndarray, storage: st.StorageOptions | None,
+    version_url: str,
+    spans: list[Span],
+    rows: np.ndarray,
+    storage: st.StorageOptions | None,
     columns: list[str],
 ) -> pa.Table:
     """Id map columns for arbitrary dense row ids (in the order given), reading only the runs
@@ -216,7 +227,7 @@ def add_part(
 ) -> dict[str, Any]:
     """trained + vectors (ids first_id..) -> parts/<name>.faiss and its list sizes.
 
-    Returns the part record and the new vectors' squared residuals (for the drift check)."""
+    Returns the part record and the new vectors' mean squared residual (for the drift check)."""
     trained_url = st.join(generation_url(version_url, generation), ix.TRAINED_FILE)
     index = ix.read_index(local_files([trained_url], storage)[0])
     lists, residuals = drift.assign(index, vectors)
@@ -233,8 +244,7 @@ def add_part(
         put_file(local, part_url(version_url, generation, name, ".sizes.npy"), storage)
     return {
         "part": {"name": name, "start": int(first_id), "count": len(vectors), "ondisk": False},
-        "residual_sum": float(residuals.sum()),
-        "residual_count": len(residuals),
+        "residual": float(residuals.mean()) if len(residuals) else 0.0,
     }
 
 
@@ -314,7 +324,9 @@ class SearchView:
         generation = int(index_state["generation"])
         trained_url = st.join(generation_url(version_url, generation), ix.TRAINED_FILE)
         self.index = ix.read_index(local_files([trained_url], storage)[0])
-        self._parts = [_read_part(version_url, generation, p, storage) for p in index_state["parts"]]
+        self._parts = [
+            _read_part(version_url, generation, p, storage) for p in index_state["parts"]
+        ]
         self._lists = faiss.InvertedListsPtrVector()
         for part in self._parts:
             self._lists.push_back(faiss.extract_index_ivf(part).invlists)

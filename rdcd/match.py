@@ -119,9 +119,7 @@ def exact_duplicate_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray
     return i[run_start[copies]], i[copies]
 
 
-def top_k(
-    candidates: np.ndarray, scores: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k best candidates by exact score, best first (copy-detection mode)."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1)

@@ -159,6 +159,9 @@ def list_inputs(
     path = strip_protocol(url).rstrip("/") or "/"
     try:
         if not fs.exists(path):
+            bucket = path.split("/", 1)[0]
+            if protocol_of(url) != "file" and not fs.exists(bucket):
+                raise SourceError(f"input not found: bucket {bucket!r} does not exist ({url})")
             raise SourceError(f"input not found: {url}")
         if fs.isfile(path):
             root = posixpath.dirname(path)

@@ -96,9 +96,7 @@ class VectorStore:
         dim: int,
         dtype=np.float16,
     ) -> VectorStore:
-        shards = [
-            open_vectors(p, int(n), dim, dtype) for p, n in zip(paths, counts, strict=True)
-        ]
+        shards = [open_vectors(p, int(n), dim, dtype) for p, n in zip(paths, counts, strict=True)]
         return cls(shards, np.asarray(starts, dtype=np.int64), dim)
 
     @property

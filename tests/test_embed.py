@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -122,8 +124,6 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_model, ray_session):
     assert len(set(ids)) == len(ids)
 
     rows = {r["image_id"]: r for r in descriptors.to_pylist()}
-    import hashlib
-
     assert (
         rows["good/photo.jpg"]["content_hash"]
         == hashlib.sha256(photos["good/photo.jpg"]).hexdigest()
@@ -136,14 +136,16 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_model, ray_session):
 
     count, dims = duckdb.sql(
         f"SELECT count(*), avg(len(descriptor)) FROM '{out}/descriptors/*.parquet'"
-    ).fetchone()
+    ).fetchall()[0]
     assert (count, dims) == (len(photos), 16)
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["model_id"] == tiny_model["embedder"].model_id
     assert manifest["counts"]["inputs"] == listed
-    assert manifest["counts"]["errors_by_stage"]["decode"] == 4
+    assert manifest["counts"]["errors_by_stage"] == dict(
+        Counter(stage for _, stage in bad.values())
+    )
     assert manifest["input"]["objects"] == listed
     assert manifest["config"]["model"]["card"] == tiny_model["card"]
     assert set(manifest["timings"]["busy_s"]) == {"decode", "embed", "write"}
@@ -153,6 +155,13 @@ def test_folder_with_good_and_bad_images(tmp_path, tiny_model, ray_session):
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert again["shards embedded / skipped"] == f"0 / {manifest['counts']['shards']}"
+
+    other = tmp_path / "other-model"
+    torch.manual_seed(1)
+    model = DescriptorModel("resnet18", kd_dim=32, dim=8)
+    cards.save_model(model, cards.card_for(model, size=64), str(other))
+    with pytest.raises(JobError, match="One output folder holds one model"):
+        run_embed(str(tmp_path / "in"), str(out), make_config(tiny_model, f"model.card={other}"))
 
 
 @pytest.mark.parametrize("layout", ["tars", "parquet"])
@@ -175,7 +184,7 @@ def test_webdataset_and_parquet_give_the_same_descriptors(
 
 
 @pytest.mark.parametrize("layout", ["folder", "tars", "parquet"])
-def test_s3_input_and_output(tmp_path, tiny_model, ray_session, s3_server, s3_fs, layout):
+def test_s3_input_and_output(tmp_path, tiny_model, ray_session, s3_server, s3_fs, layout, capsys):
     images = photo_set(14, start_seed=100)
     writers = {
         "folder": lambda d: write_folder(d, images),
@@ -185,75 +194,59 @@ def test_s3_input_and_output(tmp_path, tiny_model, ray_session, s3_server, s3_fs
     expected = writers[layout](tmp_path / "in")
     base = f"s3://{s3_server.bucket}/embed-{layout}"
     upload(s3_fs, tmp_path / "in", f"{base}/in")
-    config = make_config(tiny_model, storage=s3_server.storage_config())
-
-    summary = run_embed(f"{base}/in", f"{base}/out", config)
-
-    assert summary["descriptors"] == 14
     bucket_out = base.removeprefix("s3://") + "/out"
+
+    if layout == "folder":
+        # Through the command line, with an --ids subset (one id unknown) read from S3 too.
+        chosen = sorted(expected)[::3]
+        s3_fs.pipe(f"{bucket_out}-ids.csv", ("path\n" + "\n".join([*chosen, "x.jpg"])).encode())
+        expected = {k: expected[k] for k in chosen}
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(f"model:\n  onnx_cache: {tiny_model['cache']}\n")
+        argv = [f"{base}/in", f"{base}/out", "--ids", f"s3://{bucket_out}-ids.csv"]
+        argv += ["--model", tiny_model["card"], "--config", str(config_file)]
+        import pipelines.embed as job
+
+        assert module_main(job, argv) == 0
+        printed = capsys.readouterr().out
+        assert f"ids requested / not found  {len(chosen) + 1} / 1" in printed
+        assert "images/s" in printed
+    else:
+        config = make_config(tiny_model, storage=s3_server.storage_config())
+        summary = run_embed(f"{base}/in", f"{base}/out", config)
+        assert summary["descriptors"] == 14
+        manifest = json.loads(s3_fs.cat(f"{bucket_out}/manifest.json"))
+        assert manifest["config"]["storage"]["secret"] == "***"
+
     s3_fs.invalidate_cache()
     descriptors = read_table(s3_fs, f"{bucket_out}/descriptors")
     assert read_table(s3_fs, f"{bucket_out}/errors").num_rows == 0
     assert_matches(descriptors, direct_descriptors(tiny_model["embedder"], expected))
-    manifest = json.loads(s3_fs.cat(f"{bucket_out}/manifest.json"))
-    assert manifest["status"] == "complete"
-    assert manifest["config"]["storage"]["secret"] == "***"
-    assert not s3_fs.exists(f"{bucket_out}/_staging")
-
-
-def test_ids_subset_and_the_cli(tmp_path, tiny_model, ray_session, capsys):
-    images = write_folder(tmp_path / "in", photo_set(9))
-    chosen = sorted(images)[::3]
-    (tmp_path / "ids.csv").write_text("path\n" + "\n".join(chosen) + "\nnot/there.jpg\n")
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(f"model:\n  onnx_cache: {tiny_model['cache']}\n")
-    argv = [
-        str(tmp_path / "in"),
-        str(tmp_path / "out"),
-        "--ids",
-        str(tmp_path / "ids.csv"),
-        "--model",
-        tiny_model["card"],
-        "--config",
-        str(config_file),
-    ]
-    import pipelines.embed as job
-
-    assert module_main(job, argv) == 0
-    printed = capsys.readouterr().out
-    assert "ids requested / not found  4 / 1" in printed
-    assert "images/s" in printed
-    descriptors, _ = local_tables(tmp_path / "out")
-    assert sorted(descriptors.column("image_id").to_pylist()) == chosen
+    assert json.loads(s3_fs.cat(f"{bucket_out}/manifest.json"))["status"] == "complete"
+    # SeaweedFS keeps emptied "directories"; what matters is that no staged part is left.
+    assert not [p for p in s3_fs.find(f"{bucket_out}/_staging") if p.endswith(".parquet")]
 
 
 def test_clear_errors(tmp_path, tiny_model, ray_session, s3_server, capsys):
     config = make_config(tiny_model, storage=s3_server.storage_config())
     with pytest.raises(JobError, match="input not found"):
         run_embed(str(tmp_path / "missing"), str(tmp_path / "out"), config)
-    with pytest.raises(JobError, match="cannot list input s3://no-such-bucket"):
+    with pytest.raises(JobError, match="bucket 'no-such-bucket' does not exist"):
         run_embed("s3://no-such-bucket/images", str(tmp_path / "out"), config)
-    with pytest.raises(JobError, match="cannot load model"):
-        run_embed(str(tmp_path), str(tmp_path / "out"), make_config(tiny_model, "model.card=/nope"))
-
     write_folder(tmp_path / "in", photo_set(3))
-    run_embed(str(tmp_path / "in"), str(tmp_path / "out"), config)
-    other = tmp_path / "other-model"
-    torch.manual_seed(1)
-    model = DescriptorModel("resnet18", kd_dim=32, dim=8)
-    cards.save_model(model, cards.card_for(model, size=64), str(other))
-    with pytest.raises(JobError, match="One output folder holds one model"):
-        run_embed(
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            make_config(tiny_model, f"model.card={other}"),
-        )
+    with pytest.raises(JobError, match="cannot load model '/nope'"):
+        bad_model = make_config(tiny_model, "model.card=/nope")
+        run_embed(str(tmp_path / "in"), str(tmp_path / "out"), bad_model)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "descriptors").mkdir()
+    with pytest.raises(JobError, match="already holds descriptors"):
+        run_embed(str(tmp_path / "in"), str(tmp_path / "busy"), config)
 
     import pipelines.embed as job
 
-    code = module_main(job, [str(tmp_path / "nothing"), str(tmp_path / "o2"), "--model", "/nope"])
+    code = module_main(job, [str(tmp_path / "nothing"), str(tmp_path / "o2")])
     assert code == 2
-    assert "rdcd embed: error:" in capsys.readouterr().err
+    assert "rdcd embed: error: input not found" in capsys.readouterr().err
 
 
 def test_default_model_on_a_few_images(tmp_path, ray_session):
@@ -273,64 +266,45 @@ def test_default_model_on_a_few_images(tmp_path, ray_session):
     assert descriptors.schema == descriptors_schema(embedder.dim)
 
 
-def _kill_session(pid: int) -> None:
-    """SIGKILL every process of the killed run's session (its driver and any stragglers)."""
-    for _ in range(50):
-        alive = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getsid(int(entry)) == pid:
-                        alive.append(int(entry))
-                except OSError:
-                    continue
-        for other in alive:
-            try:
-                os.kill(other, signal.SIGKILL)
-            except OSError:
-                pass
-        if not alive:
-            return
-        time.sleep(0.1)
-
-
 def test_killed_run_resumes_to_the_same_tables(tmp_path, tiny_model, ray_session):
+    """SIGKILL a run (joined to the session's Ray) once its first shard is committed; the
+    re-run must finish the rest and produce exactly an uninterrupted run's tables."""
     write_folder(tmp_path / "in", photo_set(40))
-    overrides = [
+    shared = [
         f"model.card={tiny_model['card']}",
         f"model.onnx_cache={tiny_model['cache']}",
         "input.files_per_shard=2",
-        "embed.write_batch_size=2",
-        "embed.batch_size=2",
     ]
-    address = ray_session.get_runtime_context().gcs_address
+    # Tiny batches make the killed run commit shard by shard instead of all at the end.
+    slow = [*shared, "embed.write_batch_size=2", "embed.batch_size=2"]
     command = [sys.executable, "-m", "pipelines.embed", str(tmp_path / "in"), str(tmp_path / "k")]
-    command += ["--address", address]
-    for override in overrides:
+    command += ["--address", ray_session.get_runtime_context().gcs_address]
+    for override in slow:
         command += ["--set", override]
-    process = subprocess.Popen(
-        command,
-        cwd=REPO,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    markers = tmp_path / "k" / "_shards"
-    deadline = time.monotonic() + 120
-    while not (markers.is_dir() and any(markers.glob("*.json"))):
-        assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    _kill_session(process.pid)
+    log = tmp_path / "killed.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, cwd=REPO, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
+        )
+        markers = tmp_path / "k" / "_shards"
+        deadline = time.monotonic() + 120
+        while not (markers.is_dir() and any(markers.glob("*.json"))):
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    print("TIMING first marker", time.monotonic() - deadline + 120)
     done_at_kill = len(list(markers.glob("*.json")))
     assert 1 <= done_at_kill < 20
     assert not (tmp_path / "k" / "manifest.json").exists()
 
-    config = load_config(overrides=overrides)
+    config = load_config(overrides=shared)
+    t = time.monotonic()
     resumed = run_embed(str(tmp_path / "in"), str(tmp_path / "k"), config)
+    print("TIMING resume", time.monotonic() - t)
     run_embed(str(tmp_path / "in"), str(tmp_path / "u"), config)
+    print("TIMING full", time.monotonic() - t)
 
     embedded, skipped = (int(v) for v in resumed["shards embedded / skipped"].split(" / "))
     assert skipped >= 1 and embedded >= 1 and embedded + skipped == 20

@@ -175,4 +175,50 @@ def test_calibrate_refuses_what_it_cannot_do(tmp_path, model_dir, capsys):
     (tmp_path / "pred" / "manifest.json").write_text(json.dumps({"model_id": "rdcd-other-1"}))
     assert main([*base, "--target-precision", "0.5"]) == 2
     assert "made by model rdcd-other-1" in capsys.readouterr().err
+    normalised = {"model_id": cards.read_card(str(model_dir)).model_id, "score_normalisation": True}
+    (tmp_path / "pred" / "manifest.json").write_text(json.dumps(normalised))
+    assert main([*base, "--target-precision", "0.5"]) == 2
+    assert "score-normalised" in capsys.readouterr().err
     assert cards.read_card(str(model_dir)).threshold is None
+
+
+MILD_EDITS = ("jpeg", "resize", "blur")
+
+
+def test_synth_search_eval_end_to_end(tmp_path, ray_session):
+    """Benchmark ids survive embedding and search: `rdcd eval` scores the real predictions."""
+    from descriptors import pixel_descriptors
+    from images import encode, photo_like
+
+    from pipelines import dedup, search
+    from pipelines.jobs import module_main
+    from rdcd.synth import EDIT_KINDS
+
+    originals = tmp_path / "originals"
+    originals.mkdir()
+    for i in range(24):
+        (originals / f"p{i:02d}.jpg").write_bytes(encode(photo_like(500 + i), "JPEG"))
+    mild = [f"synth.edit_weights.{k}=0" for k in EDIT_KINDS if k not in MILD_EDITS]
+    bench = tmp_path / "bench"
+    assert main(["synth", str(originals), str(bench), *sum((["--set", o] for o in mild), [])]) == 0
+    for part in ("queries", "references", "dedup/images"):
+        pixel_descriptors(tmp_path / "desc" / part, sorted((bench / part).glob("*.jpg")))
+    desc = tmp_path / "desc"
+    run = tmp_path / "run"
+    argv = [str(desc / "queries"), str(desc / "references"), str(run), "--k", "5"]
+    assert module_main(search, argv) == 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), str(bench), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    n_queries = len(list((bench / "queries").glob("*.jpg")))
+    assert result["n_queries"] == result["n_predicted_queries"] == n_queries
+    assert result["n_predictions"] == n_queries * 5
+    assert result["n_ground_truth"] == n_queries // 2
+    assert result["acc_at_1"] == 1.0  # mild edits: every copy finds its reference first
+    assert result["uap"] > 0.9
+    argv = [str(desc / "dedup/images"), str(tmp_path / "dedup"), "--threshold", "0.95"]
+    assert module_main(dedup, argv) == 0
+    assert main(["eval", str(tmp_path / "dedup"), str(bench), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "dedup" and result["n_images"] == n_queries + 14
+    assert result["pair_precision"] > 0.9 and result["pair_recall"] > 0.5

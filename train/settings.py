@@ -86,7 +86,6 @@ class TrainSettings:
     exclude: str | None = None
     objective: str = "rdcd"
     teacher: str = "sscd"
-    device: str = "auto"
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -135,7 +134,6 @@ def from_config(config: dict[str, Any]) -> TrainSettings:
             exclude=section["exclude"],
             objective=section["objective"],
             teacher=section["teacher"],
-            device=section["device"],
             seed=int(section["seed"]),
             log_every=int(section["log_every"]),
             checkpoint_every=int(section["checkpoint_every"]),
