@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def _fill(command: list[str], **values: str) -> list[str]:
 def embed_background(model: str, images: str, work: Path) -> str:
     """Background descriptors for score normalisation (set-up, not part of any timing)."""
     out = work / f"background-{model}"
+    shutil.rmtree(out, ignore_errors=True)
     command = [PYTHON, "-m", "pipelines.embed", images, str(out), "--model", model]
     print(f"[background] {' '.join(command)}", flush=True)
     log = work / f"background-{model}.log"
@@ -204,7 +206,8 @@ def run_method(method: Method, bench: Path, work: Path, backgrounds: dict[str, s
             work / slug / "dedup" / method.dedup_output,
             _count_images(bench / "dedup" / "images"),
         )
-    (work / slug).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / slug, ignore_errors=True)  # fresh outputs: nothing is skipped as done
+    (work / slug).mkdir(parents=True)
     for task, (command, output, n_images) in tasks.items():
         print(f"[{method.name}] {task}: {' '.join(command)}", flush=True)
         log = work / slug / f"{task}.log"

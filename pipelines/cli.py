@@ -10,6 +10,7 @@ from pipelines.jobs import add_common_arguments, run_job
 
 # Each module defines COMMAND, HELP, add_arguments(parser) and run(args, config) -> summary.
 JOB_MODULES: tuple[str, ...] = (
+    "pipelines.embed",
     "pipelines.synth",
     "pipelines.eval",
     "pipelines.calibrate",
@@ -19,6 +20,7 @@ JOB_MODULES: tuple[str, ...] = (
     "pipelines.report",
     "pipelines.nightly",
     "pipelines.backfill",
+    "pipelines.train",
 )
 
 

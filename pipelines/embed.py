@@ -3,7 +3,7 @@
 The plan streams end to end, so memory stays bounded whatever the input size:
 
     read shard (bytes, id)  ->  decode + resize (CPU tasks)  ->  model (actor pool, one model
-    per actor, a GPU each when present)  ->  write parts (tasks)  ->  commit per shard
+    per actor, a GPU each when present)  ->  write parts (tasks)  ->  commit per shard (driver)
 
 Each input shard is committed on its own: its parts are merged, sorted by image_id, written
 under a temporary name, moved to descriptors/<shard>.parquet and errors/<shard>.parquet, and
@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +168,10 @@ def run_embed(
             "shards_skipped": len(listing.shards) - len(pending),
             "images": progress.images,
         },
-        "throughput": {"images_per_s": round(images_per_s, 2)},
+        "throughput": {
+            "images_per_s": round(images_per_s, 2),
+            "steady_images_per_s": progress.steady_rate and round(progress.steady_rate, 2),
+        },
         "timings": {
             "list_s": round(listed_s, 3),
             "pipeline_s": round(pipeline_s, 3),
@@ -232,13 +236,13 @@ class EmbedSettings:
     """The embed: section plus the model placement it implies."""
 
     batch_size: int
-    decode_batch_size: int
     write_batch_size: int
     actors: int | None
     actor_num_cpus: float | None
     decode_num_cpus: float
     write_num_cpus: float
     max_tasks_in_flight_per_actor: int
+    commit_threads: int
     unique_check_max_rows: int
     max_pixels: int
     draft: bool
@@ -250,18 +254,18 @@ class EmbedSettings:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> EmbedSettings:
         embed, model, pre = config["embed"], config["model"], config["preprocess"]
-        for key in ("batch_size", "decode_batch_size", "write_batch_size"):
+        for key in ("batch_size", "write_batch_size"):
             if int(embed[key]) < 1:
                 raise ConfigError(f"embed.{key} must be >= 1, got {embed[key]}")
         return cls(
             batch_size=int(embed["batch_size"]),
-            decode_batch_size=int(embed["decode_batch_size"]),
             write_batch_size=int(embed["write_batch_size"]),
             actors=embed["actors"],
             actor_num_cpus=embed["actor_num_cpus"],
             decode_num_cpus=float(embed["decode_num_cpus"]),
             write_num_cpus=float(embed["write_num_cpus"]),
             max_tasks_in_flight_per_actor=int(embed["max_tasks_in_flight_per_actor"]),
+            commit_threads=max(1, int(embed["commit_threads"])),
             unique_check_max_rows=int(embed["unique_check_max_rows"]),
             max_pixels=int(pre["max_pixels"]),
             draft=bool(pre["draft"]),
@@ -415,7 +419,10 @@ def _check_same_run(previous: dict[str, Any], spec: dict[str, Any], url: str) ->
 
 
 class Progress:
-    """One bar over images, plus the per-stage busy seconds and peak RSS the parts report."""
+    """One bar over images, plus the per-stage busy seconds and peak RSS the parts report.
+
+    The steady rate counts from the first finished batch, leaving out the start-up (actors
+    loading the model) that dominates small runs."""
 
     def __init__(self, pending: list[InputShard]) -> None:
         from tqdm.auto import tqdm
@@ -426,14 +433,25 @@ class Progress:
         self.images = 0
         self.busy: Counter[str] = Counter()
         self.peak_rss: dict[str, int] = {}
+        self._first: tuple[float, int] | None = None
+        self._last = 0.0
 
     def update(self, meta: dict[str, Any]) -> None:
         self.images += meta["rows"]
         self.bar.update(meta["rows"])
+        self._last = time.perf_counter()
+        if self._first is None:
+            self._first = (self._last, self.images)
         for stage in ("decode", "embed", "write"):
             self.busy[stage] += meta[f"{stage}_s"]
             key = f"{stage}_worker"
             self.peak_rss[key] = max(self.peak_rss.get(key, 0), meta[f"{stage}_rss"])
+
+    @property
+    def steady_rate(self) -> float | None:
+        if self._first is None or self._last <= self._first[0]:
+            return None
+        return (self.images - self._first[1]) / (self._last - self._first[0])
 
     def close(self) -> None:
         self.bar.close()
@@ -452,7 +470,6 @@ def run_pipeline(
 ) -> None:
     """Stream every pending shard through decode -> model -> parts, committing shards as
     their last row lands."""
-    import ray
     from ray.data import ActorPoolStrategy, DataContext
     from ray.util.debug import log_once
 
@@ -476,7 +493,9 @@ def run_pipeline(
     )
     dataset = dataset.map_batches(
         decode_batch,
-        batch_size=settings.decode_batch_size,
+        # Whole read blocks (input.block_rows images): Ray Data then fuses read and decode
+        # into one task, so encoded bytes never pass through the object store.
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=settings.decode_num_cpus,
         fn_kwargs={
@@ -514,34 +533,38 @@ def run_pipeline(
         fn_kwargs={"staging_url": out.sub(STAGING_DIR), "storage": storage, "dim": model.dim},
     )
 
-    commit = ray.remote(num_cpus=0, max_retries=2)(commit_shard)
     expected: dict[str, int] = {}
     seen: Counter[str] = Counter()
     parts: dict[str, list[str]] = {shard.name: [] for shard in pending}
     by_name = {shard.name: shard for shard in pending}
-    commits = []
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for meta in batch.to_pylist():
-            name = meta["shard"]
-            progress.update(meta)
-            seen[name] += meta["rows"]
-            if meta["part"]:
-                parts[name].append(meta["part"])
-            if meta["shard_end"] >= 0:
-                expected[name] = meta["shard_end"]
-            if name in expected and seen[name] == expected[name]:
-                commits.append(
-                    commit.remote(
-                        out.url,
-                        by_name[name],
-                        parts.pop(name),
-                        expected[name],
-                        model.model_id,
-                        model.dim,
-                        storage,
+    # Commits move only descriptor-sized data (~200 B/image): driver threads keep up with a
+    # large cluster and, unlike remote tasks, start no worker processes.
+    with ThreadPoolExecutor(settings.commit_threads, thread_name_prefix="commit") as pool:
+        commits = []
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for meta in batch.to_pylist():
+                name = meta["shard"]
+                progress.update(meta)
+                seen[name] += meta["rows"]
+                if meta["part"]:
+                    parts[name].append(meta["part"])
+                if meta["shard_end"] >= 0:
+                    expected[name] = meta["shard_end"]
+                if name in expected and seen[name] == expected[name]:
+                    commits.append(
+                        pool.submit(
+                            commit_shard,
+                            out.url,
+                            by_name[name],
+                            parts.pop(name),
+                            expected[name],
+                            model.model_id,
+                            model.dim,
+                            storage,
+                        )
                     )
-                )
-    ray.get(commits)
+        for commit in commits:
+            commit.result()
     unfinished = sorted(set(by_name) - set(expected))
     if unfinished or parts:
         raise JobError(

@@ -485,25 +485,76 @@ def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) 
 
 
 @ray.remote
-def add_part_task(
-    version_url: str, generation: int, span: dict, dim: int, storage
+def train_task(
+    version_url: str,
+    generation: int,
+    params: dict,
+    spans: list[dict],
+    sample: np.ndarray,
+    dim: int,
+    storage,
 ) -> dict[str, Any]:
-    """One run's vectors into one part of the generation (a Ray task per run)."""
-    store = live_index.open_store(version_url, [Span(**span)], dim, storage)
-    vectors = store.rows(span["start"], span["start"] + span["count"])
+    """Fit generation's quantizer once, on the sampled rows (one task: a GPU when present)."""
+    store = live_index.open_store(version_url, [Span(**s) for s in spans], dim, storage)
+    params = ix.IndexParams(**{k: v for k, v in params.items() if k != "bytes_per_vector"})
+    trained = live_index.train_generation(
+        version_url, generation, params, store.gather(sample), storage, ix.gpu_available()
+    )
+    return {**trained, "node_id": ray.get_runtime_context().get_node_id()}
+
+
+@ray.remote
+def add_part_task(
+    version_url: str, generation: int, part: dict, run_span: dict, dim: int, storage
+) -> dict[str, Any]:
+    """Rows part.start .. part.start + part.count - 1 (of one run) into one index part."""
+    store = live_index.open_store(version_url, [Span(**run_span)], dim, storage)
+    vectors = store.rows(part["start"], part["start"] + part["count"])
     result = live_index.add_part(
-        version_url, generation, span["name"], vectors, span["start"], storage
+        version_url, generation, part["name"], vectors, part["start"], storage
     )
     return {**result, "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def task_options(run: Run, gpu: bool = False) -> dict[str, Any]:
+    """Resources of the add/train/search tasks: spread over the nodes (the cluster's whole
+    CPU and page cache work for the night), and training gets a GPU when the cluster has one."""
+    from pipelines.index import use_gpu
+
+    options: dict[str, Any] = {"num_cpus": run.settings.task_cpus, "scheduling_strategy": "SPREAD"}
+    if gpu and use_gpu(run.config["index"]):
+        options["num_gpus"] = 1
+    return options
+
+
+def part_slices(span: Span, rows: int) -> list[Span]:
+    """A run's rows cut into parts of at most index.shard_vectors (one add task each)."""
+    end = span.start + span.count
+    return [
+        Span(f"{span.name}-p{i:05d}", lo, min(rows, end - lo))
+        for i, lo in enumerate(range(span.start, end, rows))
+    ]
+
+
+def add_parts(run: Run, generation: int, spans: list[Span]) -> list[dict[str, Any]]:
+    rows = int(run.config["index"]["shard_vectors"])
+    refs = [
+        add_part_task.options(**task_options(run)).remote(
+            run.version.url, generation, vars(part), vars(span), run.model.dim, run.storage
+        )
+        for span in spans
+        if span.count
+        for part in part_slices(span, rows)
+    ]
+    return _wait(refs, "index: add parts")
 
 
 def stage_index(run: Run, state: State, ingested: dict[str, Any]) -> dict[str, Any]:
     """Add the run's vectors with the trained quantizer, or train a new generation when the
     history outgrew an exact index, the quantizer drifted, or there is none yet."""
     count = int(ingested["count"])
-    spans = history_spans(state) + (
-        [Span(run.run_id, ingested["first_id"], count)] if count else []
-    )
+    new = [Span(run.run_id, int(ingested["first_id"]), count)] if count else []
+    spans = history_spans(state) + new
     total = sum(s.count for s in spans)
     current = dict(state.index)
     if total == 0:
@@ -518,13 +569,11 @@ def stage_index(run: Run, state: State, ingested: dict[str, Any]) -> dict[str, A
     if kind == "flat" or count == 0:
         return {"index": current, "drift": {"retrained": False}}
     generation = int(current["generation"])
-    ref = add_part_task.options(num_cpus=run.settings.task_cpus).remote(
-        run.version.url, generation, vars(spans[-1]), run.model.dim, run.storage
-    )
-    added = ray.get(ref)
-    parts = [*current["parts"], added["part"]]
+    added = add_parts(run, generation, new)
+    parts = [*current["parts"], *(a["part"] for a in added)]
     sizes = live_index.total_sizes(run.version.url, generation, parts, run.storage)
-    report = drift.assess(current["baseline"], added["residual"], sizes, total, run.settings.bounds)
+    residual = sum(a["residual"] * a["part"]["count"] for a in added) / count
+    report = drift.assess(current["baseline"], residual, sizes, total, run.settings.bounds)
     if report["retrain"]:
         rebuilt = rebuild(run, spans, params, generation + 1, "; ".join(report["reasons"]))
         rebuilt["drift"]["measured"] = report
@@ -533,29 +582,27 @@ def stage_index(run: Run, state: State, ingested: dict[str, Any]) -> dict[str, A
     return {
         "index": current,
         "drift": {"retrained": False, **report},
-        "placement": {"index": [added["node_id"]]},
+        "placement": {"index": sorted({a["node_id"] for a in added})},
     }
 
 
 def rebuild(
     run: Run, spans: list[Span], params: ix.IndexParams, generation: int, reason: str
 ) -> dict[str, Any]:
-    """A new generation: train once on a sample of every vector, then one add task per run."""
+    """A new generation: train once on a sample of every vector, then add every run in
+    parallel parts."""
     if not params.is_ivf:
         index = {"generation": generation, "kind": "flat", "factory": "Flat", "parts": []}
         return {"index": index, "drift": {"retrained": True, "reason": reason}}
     total = sum(s.count for s in spans)
-    store = live_index.open_store(run.version.url, spans, run.model.dim, run.storage)
-    sample = store.gather(ix.sample_ids(total, params.train_size, int(run.config["index"]["seed"])))
-    trained = live_index.train_generation(run.version.url, generation, params, sample, run.storage)
-    refs = [
-        add_part_task.options(num_cpus=run.settings.task_cpus).remote(
-            run.version.url, generation, vars(span), run.model.dim, run.storage
+    sample = ix.sample_ids(total, params.train_size, int(run.config["index"]["seed"]))
+    trained = ray.get(
+        train_task.options(**task_options(run, gpu=True)).remote(
+            run.version.url, generation, params.to_dict(), [vars(s) for s in spans], sample,
+            run.model.dim, run.storage,
         )
-        for span in spans
-        if span.count
-    ]
-    added = _wait(refs, "index: add parts")
+    )  # fmt: skip
+    added = add_parts(run, generation, spans)
     parts = [a["part"] for a in added]
     sizes = live_index.total_sizes(run.version.url, generation, parts, run.storage)
     index = {
@@ -570,7 +617,7 @@ def rebuild(
     return {
         "index": index,
         "drift": {"retrained": True, "reason": reason, "imbalance": drift.imbalance(sizes)},
-        "placement": {"index": sorted({a["node_id"] for a in added})},
+        "placement": {"index": sorted({a["node_id"] for a in added} | {trained["node_id"]})},
     }
 
 
@@ -638,7 +685,7 @@ def stage_pairs(
     spans = history_spans(state) + [Span(run.run_id, first_id, count)]
     settings = run.settings
     refs = [
-        search_task.options(num_cpus=settings.task_cpus).remote(
+        search_task.options(**task_options(run)).remote(
             run.version.url,
             indexed["index"],
             [vars(s) for s in spans],

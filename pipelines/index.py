@@ -346,8 +346,9 @@ def run_index(
     files, dim = describe_files(found, options)
     n = sum(f.rows for f in files)
     build = {k: cfg[k] for k in BUILD_KEYS}
+    gpu = use_gpu(cfg) and not vectors_only  # changes the coarse quantizer: part of the build
     print_ = stage.fingerprint(
-        [(f.url, f.rows, f.size) for f in files], build, vectors_only, ix.INDEX_JSON
+        [(f.url, f.rows, f.size) for f in files], build, vectors_only, gpu, ix.INDEX_JSON
     )
     current = None if overwrite else stage.current_manifest(out_url, print_, options)
     if current is not None:
@@ -360,13 +361,12 @@ def run_index(
     stage.reset_if_stale(out_url, print_, options)
 
     try:
-        params = ix.choose_params(n, dim, cfg) if not vectors_only else None
+        params = ix.choose_params(n, dim, cfg, gpu) if not vectors_only else None
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     model_id = first_model_id(files, options)
     shards = plan_shards(files, int(cfg["shard_vectors"]))
     sample = ix.sample_ids(n, params.train_size if params else 0, int(cfg["seed"]))
-    gpu = use_gpu(cfg) and not vectors_only
     cpus = float(cfg["task_cpus"])
     timings: dict[str, float] = {}
     workers: list[dict[str, Any]] = []

@@ -388,10 +388,7 @@ def run_pairs(
     if current is not None:
         return {**current["counts"], "skipped": True, "timings": current["timings"]}
     stage.reset_if_stale(pairs_url, print_, options)
-    near_fs = st.get_filesystem(out_url, options)
-    near_path = st.strip_protocol(st.join(out_url, "near_misses"))
-    if near_fs.exists(near_path):
-        near_fs.rm(near_path, recursive=True)
+    stage.reset_if_stale(st.join(out_url, "near_misses"), print_, options)
 
     started = time.perf_counter()
     gpu = use_gpu(config["index"])

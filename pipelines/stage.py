@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from rdcd import storage as st
 
-_MB = 1 << 20
+FINGERPRINT_FILE = "_fingerprint.json"
 
 
 def fingerprint(*parts: Any) -> str:
@@ -42,18 +42,24 @@ def current_manifest(url: str, print_: str, options: st.StorageOptions) -> dict[
 
 
 def reset_if_stale(url: str, print_: str, options: st.StorageOptions) -> None:
-    """Start the stage folder afresh unless it holds a partial run with this fingerprint."""
+    """Start the stage folder afresh unless it holds a partial run with this fingerprint.
+
+    Only a folder rdcd wrote (it has _fingerprint.json) is ever cleared; a non-empty folder
+    without one is somebody else's data, and an error.
+    """
     fs = st.get_filesystem(url, options)
     path = st.strip_protocol(url)
-    plan_url = st.join(url, "_fingerprint.json")
+    plan_url = st.join(url, FINGERPRINT_FILE)
     if fs.exists(path):
-        if (
-            st.exists(plan_url, options)
-            and st.read_json(plan_url, options).get("fingerprint") == print_
-        ):
-            return
-        fs.rm(path, recursive=True)
-        fs.invalidate_cache()
+        if st.exists(plan_url, options):
+            if st.read_json(plan_url, options).get("fingerprint") == print_:
+                return
+            fs.rm(path, recursive=True)
+            fs.invalidate_cache()
+        elif fs.ls(path):
+            raise ValueError(
+                f"{url} already holds files that rdcd did not write; use a new or empty folder"
+            )
     fs.makedirs(path, exist_ok=True)
     st.write_json_atomic(plan_url, {"fingerprint": print_}, options)
 

@@ -44,18 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default: synth.seed)")
 
 
-def list_originals(url: str, options: storage.StorageOptions) -> list[str]:
-    """Image files under url (recursive), as sorted paths relative to url."""
+def list_originals(url: str, options: storage.StorageOptions) -> dict[str, int]:
+    """Image files under url (recursive): path relative to url -> size in bytes, sorted."""
     fs = storage.get_filesystem(url, options)
     root = storage.strip_protocol(url).rstrip("/")
     if not fs.isdir(root):
         raise JobError(f"originals folder not found: {url}")
-    found = []
-    for path in fs.find(root):
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
         relative = path[len(root) :].lstrip("/")
         if os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS:
-            found.append(relative)
-    return sorted(found)
+            found[relative] = int(info.get("size") or 0)
+    return dict(sorted(found.items()))
 
 
 class Originals:
@@ -171,13 +171,14 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise JobError(f"bad synth settings: {exc}") from exc
     options = storage.StorageOptions.from_config(config["storage"])
-    names = list_originals(args.originals, options)
+    listing = list_originals(args.originals, options)
+    names = list(listing)
     if len(names) < 2:
         raise JobError(f"{args.originals} holds {len(names)} image files; synth needs at least 2")
     originals = Originals(args.originals, options, settings, config["preprocess"]["max_pixels"])
     request = {
         "originals": args.originals,
-        "listing": names,
+        "listing": listing,  # names and sizes: a changed file rebuilds the benchmark
         "seed": seed,
         "settings": {k: v for k, v in section.items() if k != "seed"},
     }

@@ -101,11 +101,12 @@ def _auto_code(n: int, d: int, budget_bytes: float) -> str:
     )
 
 
-def choose_params(n: int, d: int, cfg: dict[str, Any]) -> IndexParams:
+def choose_params(n: int, d: int, cfg: dict[str, Any], gpu: bool = False) -> IndexParams:
     """Index parameters for n d-dim unit vectors from the index: config section.
 
     Every choice is overridable: `factory` replaces everything, `kind`, `nlist` and `code`
-    replace one decision each.
+    replace one decision each. On GPUs the coarse quantizer stays flat: faiss-gpu only runs
+    IVF indexes with a flat quantizer, and a GPU scans even 10^6 centroids quickly.
     """
     metric = str(cfg["metric"])
     if metric not in METRICS:
@@ -138,7 +139,7 @@ def choose_params(n: int, d: int, cfg: dict[str, Any]) -> IndexParams:
     budget = float(cfg["memory_budget_gb"]) * 1e9
     code = str(cfg["code"]) if cfg.get("code") not in (None, "auto") else _auto_code(n, d, budget)
     quantizer = f"IVF{nlist}"
-    if nlist >= int(cfg["hnsw_min_nlist"]):
+    if nlist >= int(cfg["hnsw_min_nlist"]) and not gpu:
         quantizer += f"_HNSW{int(cfg['hnsw_m'])}"
     factory = f"{quantizer},{code}"
     try:

@@ -177,7 +177,7 @@ def list_inputs(
     objects = sorted(
         (_relative(root, name), int(info.get("size") or 0))
         for name, info in entries.items()
-        if info.get("type", "file") == "file"
+        if info.get("type", "file") == "file" or (info.get("islink") and fs.isfile(name))
     )
     objects = [(rel, size) for rel, size in objects if not _hidden(rel)]
     layout, chosen = _choose_layout(url, objects, options)

@@ -9,6 +9,7 @@ rdcd.embedder wraps these into the one Embedder interface.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,10 @@ class TorchScriptDescriptor(nn.Module):
         if not path.is_file():
             raise TeacherError(f"TorchScript teacher file not found: {path}")
         try:
-            self.scripted = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                # TorchScript is deprecated in torch, but it is the format Meta ships SSCD in.
+                warnings.simplefilter("ignore", FutureWarning)
+                self.scripted = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as exc:
             raise TeacherError(f"{path} is not a TorchScript file: {exc}") from exc
         self.scripted.eval()

@@ -105,24 +105,12 @@ def pixel_descriptors(folder: str | Path, paths: list[Path]) -> list[str]:
 
 
 SKIMAGE_PHOTOS = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "ihc.png",
-    "retina.jpg",
-    "motorcycle_left.png",
-    "brick.png",
-    "grass.png",
-    "camera.png",
-    "coins.png",
-    "page.png",
-    "clock_motion.png",
-    "cell.png",
-    "color.png",
-    "hubble_deep_field.jpg",
-)
-COPIED = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "synth-0.jpg")
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "ihc.png", "retina.jpg",
+    "motorcycle_left.png", "brick.png", "grass.png", "camera.png", "coins.png", "page.png",
+    "clock_motion.png", "cell.png", "color.png", "hubble_deep_field.jpg", "gravel.png",
+    "moon.png", "text.png", "logo.png",
+)  # fmt: skip
+COPIED = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "motorcycle_left.jpg")
 
 
 def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
@@ -132,11 +120,10 @@ def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
 
 
 def planted_photos(folder: str | Path) -> tuple[list[Path], dict[str, set[str]]]:
-    """~30 JPEGs: scikit-image's bundled photos and synthetic ones, plus edited copies
-    (resize, JPEG re-compression, crop, text overlay on a smaller copy, a byte-identical copy)
-    of five of them. Returns the paths and {original name: names of its group}."""
+    """~40 JPEGs: the photos bundled with scikit-image, plus edited copies (resize, JPEG
+    re-compression, crop, text overlay on a smaller copy, a byte-identical copy) of five of
+    them. Returns the paths and {original name: names of its group}."""
     import skimage.data
-    from images import photo_like
 
     from rdcd import edits
 
@@ -148,8 +135,6 @@ def planted_photos(folder: str | Path) -> tuple[list[Path], dict[str, set[str]]]
         img = Image.open(root / name).convert("RGB")
         img.thumbnail((256, 256))
         originals[Path(name).stem + ".jpg"] = img
-    for seed in range(3):
-        originals[f"synth-{seed}.jpg"] = photo_like(seed, (200, 150))
     files = {name: _jpeg(img) for name, img in originals.items()}
     groups = {}
     for name in COPIED:

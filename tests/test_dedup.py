@@ -7,11 +7,15 @@ import os
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
-from descriptors import pixel_descriptors, planted_photos
+from descriptors import COPIED, pixel_descriptors, planted_photos
 
 from pipelines import dedup
 from pipelines.jobs import module_main
+from pipelines.search import run_search
 from rdcd.config import load_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +51,7 @@ def test_planted_copies_are_grouped_and_nothing_else(tmp_path, photo_descriptors
 
     rows = duckdb.sql(f"SELECT * FROM '{out}/groups/*.parquet'").fetchall()
     found: dict[str, set[str]] = {}
-    for image_id, group_id, size, _, _ in rows:
+    for image_id, group_id, _, _, _ in rows:
         found.setdefault(group_id, set()).add(image_id)
     assert sorted(map(sorted, found.values())) == sorted(map(sorted, groups.values()))
     keepers = {
@@ -93,7 +97,8 @@ def test_pairs_and_groups_agree(tmp_path, photo_descriptors, ray_session):
             {groups}) OR p.image_id_b NOT IN (SELECT image_id FROM {groups})"""
     ).fetchall()[0][0]
     one_keeper = duckdb.sql(
-        f"SELECT bool_and(k = 1) FROM (SELECT sum(is_keeper::INT) k FROM {groups} GROUP BY group_id)"
+        f"SELECT bool_and(k = 1) FROM (SELECT sum(is_keeper::INT) k FROM {groups} "
+        "GROUP BY group_id)"
     ).fetchall()[0][0]
     assert (split, unpaired, missing, one_keeper) == (0, 0, 0, True)
     ordered = duckdb.sql(f"SELECT bool_and(image_id_a < image_id_b) FROM {pairs}").fetchall()[0][0]
@@ -145,3 +150,63 @@ def test_no_threshold_and_no_card_for_these_descriptors_is_a_clear_error(
     desc, _, _ = photo_descriptors
     with pytest.raises(dedup.JobError, match="threshold"):
         dedup.run_dedup(str(desc), str(tmp_path / "out"), load_config())
+
+
+def test_images_in_default_model_groups_edited_copies_and_search_finds_originals(
+    tmp_path, ray_session
+):
+    """The whole job from image files: embed with the shipped model, its card's threshold."""
+    paths, groups = planted_photos(tmp_path / "images")
+    (tmp_path / "images" / "broken.jpg").write_bytes(paths[0].read_bytes()[:300])
+    cfg = load_config(None, ["model.runtime=torch", "input.files_per_shard=20", "search.k=3"])
+    out = tmp_path / "out"
+    summary = dedup.run_dedup(str(tmp_path / "images"), str(out), cfg)
+    assert summary["images"] == len(paths) and summary["errors"] == 1
+    assert summary["threshold"].endswith("(model card default)")
+    rows = duckdb.sql(f"SELECT image_id, group_id, is_keeper FROM '{out}/groups/*.parquet'")
+    found: dict[str, set[str]] = {}
+    for image_id, group_id, _ in rows.fetchall():
+        found.setdefault(group_id, set()).add(image_id)
+    # Crops, resizes, re-compressions and text overlays join their original; no other photo does.
+    assert sorted(map(sorted, found.values())) == sorted(map(sorted, groups.values()))
+    keepers = {r[0] for r in rows.fetchall() if r[2]}
+    assert keepers == set(groups)
+    exact = duckdb.sql(f"SELECT image_id_a, image_id_b FROM '{out}/pairs/*.parquet' WHERE exact")
+    assert exact.fetchall() == [("astronaut.jpg", "astronaut_same_bytes.jpg")]
+    to_delete = duckdb.sql(
+        f"""SELECT g.image_id, d.uri FROM '{out}/groups/*.parquet' g
+            JOIN '{out}/descriptors/*.parquet' d USING (image_id) WHERE NOT g.is_keeper"""
+    ).fetchall()
+    assert (
+        len(to_delete)
+        == summary["duplicates to delete"]
+        == sum(len(g) - 1 for g in groups.values())
+    )
+    assert all(Path(uri.removeprefix("file://")).exists() for _, uri in to_delete)
+
+    # Copy detection: query images (embedded on the fly) against the originals' descriptors.
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for original in COPIED[:2]:
+        for name in groups[original] - {original}:
+            (queries / name).write_bytes((tmp_path / "images" / name).read_bytes())
+    descriptors = pq.read_table(out / "descriptors")
+    keep = pc.is_in(
+        descriptors["image_id"],
+        pa.array(
+            sorted(
+                set(p.name for p in paths) - {m for g in groups.values() for m in g} | set(groups)
+            )
+        ),
+    )
+    (tmp_path / "refs").mkdir()
+    pq.write_table(descriptors.filter(keep), tmp_path / "refs" / "part-0.parquet")
+    result = run_search(str(queries), str(tmp_path / "refs"), str(tmp_path / "search"), cfg)
+    assert result["predictions"] == 3 * result["queries"] == 3 * len(list(queries.iterdir()))
+    best = duckdb.sql(
+        f"""SELECT query_id, arg_max(reference_id, score) FROM
+            '{tmp_path}/search/predictions/*.parquet' GROUP BY query_id"""
+    ).fetchall()
+    original_of = {m: o for o, g in groups.items() for m in g}
+    assert len(best) == result["queries"]
+    assert all(reference == original_of[query] for query, reference in best)

@@ -123,7 +123,9 @@ def test_policy_validation_and_empty_pairs():
         check_policy(["pixels", "colourfulness"])
     assert check_policy(["file_size"]) == ["file_size", "id"]
     assert check_policy(["id", "pixels"]) == ["id"]
-    empty = build_groups(pairs_of([]).cast(pa.schema([("image_id_a", pa.string()),
-                                                       ("image_id_b", pa.string())])),
-                         attributes({}), ["pixels"])
+    empty = build_groups(
+        pairs_of([]).cast(pa.schema([("image_id_a", pa.string()), ("image_id_b", pa.string())])),
+        attributes({}),
+        ["pixels"],
+    )
     assert empty.num_rows == 0 and empty.schema == GROUPS_SCHEMA

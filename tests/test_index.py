@@ -44,6 +44,8 @@ def test_large_n_gets_hnsw_quantizer_and_pq_within_budget():
     # 32 GB / 1e9 - 8 B of id = 24 B per code; PQ needs d % M == 0, so PQ16.
     assert params.factory == "IVF131072_HNSW32,PQ16"
     assert params.bytes_per_vector <= 32
+    on_gpu = ix.choose_params(1_000_000_000, 64, index_cfg(memory_budget_gb=32), gpu=True)
+    assert on_gpu.factory == "IVF131072,PQ16"  # faiss-gpu needs a flat coarse quantizer
     tight = ix.choose_params(1_000_000_000, 64, index_cfg(memory_budget_gb=16))
     assert tight.factory.endswith(",PQ8")
     with pytest.raises(ValueError, match="too small"):
@@ -124,6 +126,12 @@ def test_corrupt_files_give_errors_naming_them(tmp_path, ray_session):
     vectors.write_bytes(vectors.read_bytes()[:1000])
     with pytest.raises(VectorFileError, match="shard-00000.npy"):
         run_pairs(str(out), str(tmp_path / "o2"), cfg, threshold=0.9, run_id="r")
+    foreign = tmp_path / "not-ours"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="did not write"):
+        run_index(str(tmp_path / "desc"), str(foreign), cfg)
+    assert (foreign / "precious.txt").read_text() == "keep me"
     bad = tmp_path / "desc" / "part-00001.parquet"
     bad.write_bytes(bad.read_bytes()[:200])
     with pytest.raises(JobError, match="part-00001.parquet"):

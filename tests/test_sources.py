@@ -211,3 +211,12 @@ def test_tar_with_directories_and_no_image_members(tmp_path):
     rows = rows_of(list_inputs(str(tmp_path / "tars")))
     assert list(images_of(rows)) == ["d/k1"]
     assert rows[-1]["shard_end"] == 1
+
+
+def test_symlinked_files_are_listed(tmp_path):
+    written = write_folder(tmp_path / "real", photo_set(2))
+    (tmp_path / "in").mkdir()
+    for i, relative in enumerate(sorted(written)):
+        (tmp_path / "in" / f"link{i}.jpg").symlink_to(tmp_path / "real" / relative)
+    rows = rows_of(list_inputs(str(tmp_path / "in")))
+    assert images_of(rows) == {f"link{i}.jpg": written[r] for i, r in enumerate(sorted(written))}

@@ -24,6 +24,7 @@ from rdcd.sources import SourceOptions
 from rdcd.storage import StorageOptions
 from train.data import cached_dataset, image_key, read_exclude
 from train.export import export_model, learn_whitening
+from train.frozen import forward_both, freeze_prefix, prefix_features
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
 from train.settings import SettingsError, from_config
@@ -235,6 +236,33 @@ def test_objective_losses_decrease_on_a_fixed_batch(tiny_model, objective):
             for a, b in zip(step.momentum_model.parameters(), model.parameters(), strict=True)
         )
         assert moved and lagging, "the momentum student follows the student, slowly"
+
+
+def test_frozen_prefix_matches_the_full_network_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = DescriptorModel("test_efficientnet", kd_dim=16, dim=8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    h, z = model.forward_both(x)
+    for blocks in (1, 3, 5):
+        freeze_prefix(model, blocks)
+        features = prefix_features(model, x, blocks)
+        via_features = forward_both(model, features, blocks, from_features=True)
+        via_images = forward_both(model, x, blocks)
+        for expected, got_f, got_i in zip((h, z), via_features, via_images, strict=True):
+            assert torch.allclose(expected, got_f, atol=1e-5)
+            assert torch.allclose(expected, got_i, atol=1e-5)
+    model = DescriptorModel("test_efficientnet", kd_dim=16, dim=8).train()
+    freeze_prefix(model, 3)
+    _, z = forward_both(model, x, 3)
+    z[:, 0].sum().backward()
+    assert model.backbone.conv_stem.weight.grad is None
+    assert all(p.grad is None for p in model.backbone.blocks[2].parameters())
+    assert any(p.grad is not None for p in model.backbone.blocks[3].parameters())
+    assert not model.backbone.bn1.training, "the prefix keeps its BatchNorm statistics"
+    with pytest.raises(ValueError, match="EfficientNet-style"):
+        freeze_prefix(DescriptorModel("test_resnet", kd_dim=16, dim=8), 2)
+    with pytest.raises(ValueError, match="0..5"):
+        freeze_prefix(model, 9)
 
 
 def test_schedule_warms_up_then_decays_to_zero():

@@ -124,38 +124,50 @@ def decode_view(data: bytes, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def cached_pairs(batch: pa.Table, size: int) -> dict[str, np.ndarray]:
+def cached_pairs(
+    batch: pa.Table, size: int, feature_shape: list[int] | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data UDF: cached image rows (K views + K teacher rows) -> one training pair each:
-    two different views, the first one's teacher descriptor as the target."""
+    two different views, the first one's teacher descriptor as the target. With
+    feature_shape the pair is the cached prefix features (feat0/feat1), not pixels."""
     rng = np.random.default_rng()
-    views = batch.column("views").to_pylist()
     teacher = teacher_matrix(batch.column("teacher"))
-    first, second, targets = [], [], []
-    for row, row_views in enumerate(views):
-        i, j = rng.choice(len(row_views), size=2, replace=False)
-        first.append(decode_view(row_views[i], size))
-        second.append(decode_view(row_views[j], size))
-        targets.append(teacher[row, i])
-    return {
+    picks = [rng.choice(teacher.shape[1], size=2, replace=False) for _ in range(len(teacher))]
+    out = {
         "image_key": batch.column("image_key").to_numpy(),
-        "view0": np.stack(first),
-        "view1": np.stack(second),
-        "teacher": np.stack(targets).astype(np.float32),
+        "teacher": np.stack([teacher[row, i] for row, (i, _) in enumerate(picks)]),
     }
+    if feature_shape is not None:
+        features = teacher_matrix(batch.column("features"), np.float16)
+        shape = (len(picks), *feature_shape)
+        out["feat0"] = np.stack([features[r, i] for r, (i, _) in enumerate(picks)]).reshape(shape)
+        out["feat1"] = np.stack([features[r, j] for r, (_, j) in enumerate(picks)]).reshape(shape)
+        return out
+    views = batch.column("views").to_pylist()
+    out["view0"] = np.stack([decode_view(views[r][i], size) for r, (i, _) in enumerate(picks)])
+    out["view1"] = np.stack([decode_view(views[r][j], size) for r, (_, j) in enumerate(picks)])
+    return out
 
 
-def teacher_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """list<fixed_size_list<float16>[D]> -> (rows, K, D) float32 (K equal in every row)."""
+def teacher_matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
+    """list<fixed_size_list<float16>[D]> -> (rows, K, D) (K equal in every row)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     inner = column.flatten()
     dim = inner.type.list_size
-    flat = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    flat = inner.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return flat.reshape(len(column), -1, dim)
 
 
-def cached_dataset(cache_url: str, storage: StorageOptions, size: int, num_cpus: float):
-    """Pairs of cached views (resized to the student's input) with the teacher's targets."""
+def cached_dataset(
+    cache_url: str,
+    storage: StorageOptions,
+    size: int,
+    num_cpus: float,
+    feature_shape: list[int] | None = None,
+):
+    """Pairs of cached views (resized to the student's input), or of their cached prefix
+    features, with the teacher's targets."""
     import ray.data
 
     tables = ray.data.read_parquet(
@@ -165,7 +177,7 @@ def cached_dataset(cache_url: str, storage: StorageOptions, size: int, num_cpus:
     )
     return tables.map_batches(
         cached_pairs,
-        fn_kwargs={"size": size},
+        fn_kwargs={"size": size, "feature_shape": feature_shape},
         batch_size=16,
         batch_format="pyarrow",
         num_cpus=num_cpus,

@@ -19,20 +19,25 @@ from torch import nn
 
 from rdcd.losses import RDCDCriterion, SSCDCriterion
 from rdcd.models import DescriptorModel
+from train.frozen import forward_both, freeze_prefix
 
 TeacherFn = Callable[[np.ndarray], np.ndarray]
 
 
 class StudentNet(nn.Module):
     """The module DDP wraps: one forward returning (h, z), so gradient sync goes through
-    DDP's own forward instead of a side method."""
+    DDP's own forward instead of a side method. x is images, or cached features of the
+    frozen prefix when from_features."""
 
-    def __init__(self, model: DescriptorModel):
+    def __init__(self, model: DescriptorModel, frozen_blocks: int = 0):
         super().__init__()
         self.model = model
+        self.frozen_blocks = frozen_blocks
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.forward_both(x)
+    def forward(
+        self, x: torch.Tensor, from_features: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_both(self.model, x, self.frozen_blocks, from_features)
 
 
 @torch.no_grad()
@@ -61,6 +66,16 @@ class Inputs:
         return x.contiguous(memory_format=torch.channels_last)
 
 
+def view_input(
+    inputs: Inputs, batch: dict[str, torch.Tensor], index: int
+) -> tuple[torch.Tensor, bool]:
+    """View `index` of the batch as network input, and whether it is prefix features."""
+    features = batch.get(f"feat{index}")
+    if features is not None:
+        return features.to(inputs.device, non_blocking=True).float(), True
+    return inputs(batch[f"view{index}"]), False
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return nullcontext()
@@ -79,6 +94,7 @@ class RDCDObjective:
         momentum: float,
         teacher: TeacherFn | None = None,
         amp: torch.dtype | None = None,
+        frozen_blocks: int = 0,
     ):
         self.net = net
         self.model = model
@@ -88,6 +104,8 @@ class RDCDObjective:
         self.teacher = teacher
         self.amp = amp
         self.momentum_model = copy.deepcopy(model).requires_grad_(False).train()
+        self.frozen_blocks = frozen_blocks
+        freeze_prefix(self.momentum_model, frozen_blocks)
 
     def modules(self) -> dict[str, nn.Module]:
         """Everything a checkpoint must hold to resume exactly (queues live in criterion)."""
@@ -105,14 +123,17 @@ class RDCDObjective:
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         h_teacher = self.teacher_targets(batch)
-        x, x_prime = self.inputs(batch["view0"]), self.inputs(batch["view1"])
+        x, from_features = view_input(self.inputs, batch, 0)
         with autocast(self.inputs.device, self.amp):
-            h_student, z = self.net(x)
+            h_student, z = self.net(x, from_features)
         keys = None
         if self.criterion.student_queue is not None:
+            x_prime, _ = view_input(self.inputs, batch, 1)
             momentum_update(self.model, self.momentum_model, self.m)
             with torch.no_grad(), autocast(self.inputs.device, self.amp):
-                keys = self.momentum_model(x_prime).float()
+                blocks = self.frozen_blocks
+                keys = forward_both(self.momentum_model, x_prime, blocks, from_features)[1]
+                keys = keys.float()
         image_keys = batch["image_key"].to(self.inputs.device)
         return self.criterion(h_student, z, h_teacher, keys, image_keys)
 
@@ -138,8 +159,9 @@ class SSCDObjective:
         return {"student": self.model}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        x = torch.cat([self.inputs(batch["view0"]), self.inputs(batch["view1"])])
+        first, from_features = view_input(self.inputs, batch, 0)
+        second, _ = view_input(self.inputs, batch, 1)
         with autocast(self.inputs.device, self.amp):
-            _, z = self.net(x)
+            _, z = self.net(torch.cat([first, second]), from_features)
         first, second = z.float().chunk(2)
         return self.criterion([first, second], batch["image_key"].to(self.inputs.device))

@@ -29,6 +29,8 @@ class StudentSettings:
     gem_p: float = 3.0
     dropout: float = 0.2
     input_size: int | None = None
+    frozen_blocks: int = 0
+    init_from: str | None = None
 
     @property
     def weights(self) -> bool | str:
@@ -62,6 +64,7 @@ class DataSettings:
     cache: str | None = None
     cache_views: int = 16
     cache_quality: int = 95
+    cache_features: bool = False
     teacher_actors: int = 1
     teacher_num_cpus: float = 1.0
     teacher_threads: int | None = None
@@ -167,6 +170,13 @@ def _check(s: TrainSettings) -> None:
         raise SettingsError("train.export.resize must be 'square' or 'short_side'")
     if s.data.cache and s.data.cache_views < 2:
         raise SettingsError("train.data.cache_views must be >= 2 (pairs need two views)")
+    if s.student.frozen_blocks < 0:
+        raise SettingsError("train.student.frozen_blocks must be >= 0")
+    if s.data.cache_features and not (s.data.cache and s.student.frozen_blocks):
+        raise SettingsError(
+            "train.data.cache_features stores the frozen prefix's output: it needs "
+            "train.data.cache and train.student.frozen_blocks > 0"
+        )
     if s.objective == "rdcd":
         try:
             s.rdcd_loss()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import torch
 
 from rdcd import sources
 from rdcd.augment import AugmentSettings, advanced, generator
@@ -36,6 +37,7 @@ from rdcd.storage import (
 )
 from rdcd.synth import encode_jpeg
 from train.data import _usable, decode_for_augment, image_key
+from train.settings import StudentSettings
 
 CACHE_FORMAT = "rdcd-teacher-cache/1"
 
@@ -103,14 +105,57 @@ class TeacherDescriptors:
             self.embedder.embed(np.stack(pixels[start : start + self.batch]))
             for start in range(0, len(pixels), self.batch)
         ]
-        dim = self.embedder.dim
-        flat = np.concatenate(outputs) if outputs else np.zeros((0, dim), np.float32)
-        inner = pa.FixedSizeListArray.from_arrays(
-            pa.array(flat.astype(np.float16).reshape(-1), pa.float16()), dim
-        )
-        offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int32)
-        teacher = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner)
-        return table.append_column("teacher", teacher)
+        flat = np.concatenate(outputs) if outputs else np.zeros((0, self.embedder.dim))
+        return table.append_column("teacher", nested_rows(flat, rows))
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """The frozen student prefix whose output the cache also stores (train.frozen)."""
+
+    student: StudentSettings
+    size: int
+
+
+class PrefixFeatures:
+    """Ray Data actor: adds the frozen prefix's output for every cached view (float16)."""
+
+    def __init__(self, spec: PrefixSpec, threads: int | None, batch: int):
+        from rdcd.models import model_mean_std
+        from train.objectives import Inputs
+        from train.student import build_student
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.model = build_student(spec.student).eval()
+        mean, std = model_mean_std(spec.student.backbone)
+        self.inputs = Inputs(mean, std, spec.size, torch.device("cpu"))
+        self.spec = spec
+        self.batch = batch
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from train.data import decode_view
+        from train.frozen import prefix_features
+
+        rows = table.column("views").to_pylist()
+        pixels = [decode_view(view, self.spec.size) for row in rows for view in row]
+        outputs = []
+        for start in range(0, len(pixels), self.batch):
+            chunk = torch.from_numpy(np.stack(pixels[start : start + self.batch]))
+            blocks = self.spec.student.frozen_blocks
+            features = prefix_features(self.model, self.inputs(chunk), blocks)
+            outputs.append(features.reshape(len(chunk), -1).half().numpy())
+        return table.append_column("features", nested_rows(np.concatenate(outputs), rows))
+
+
+def nested_rows(flat: np.ndarray, rows: list[list]) -> pa.ListArray:
+    """(sum K, D) float rows -> list<fixed_size_list<float16>[D]>, K per image row."""
+    dim = flat.shape[1]
+    inner = pa.FixedSizeListArray.from_arrays(
+        pa.array(flat.astype(np.float16).reshape(-1), pa.float16()), dim
+    )
+    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -135,6 +180,7 @@ def build_cache(
     actor_num_cpus: float = 1.0,
     actor_threads: int | None = None,
     map_num_cpus: float = 0.5,
+    prefix: PrefixSpec | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the cache; returns its manifest."""
     import ray.data
@@ -151,6 +197,7 @@ def build_cache(
         "seed": seed,
         "augment": asdict(augment),
         "quality": quality,
+        "prefix": _prefix_identity(prefix),
     }
     digest = fingerprint(identity)
     manifest = read_manifest(cache_url, storage)
@@ -192,6 +239,15 @@ def build_cache(
         num_cpus=actor_num_cpus,
         num_gpus=1 if device == "cuda" else 0,
     )
+    if prefix is not None:
+        with_teacher = with_teacher.map_batches(
+            PrefixFeatures,
+            fn_constructor_kwargs={"spec": prefix, "threads": actor_threads, "batch": 64},
+            batch_size=8,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=actor_num_cpus,
+        )
     filesystem = get_pyarrow_filesystem(tmp_url, storage)
     with_teacher.write_parquet(strip_protocol(tmp_url), filesystem=filesystem)
     written = pads.dataset(strip_protocol(tmp_url), format="parquet", filesystem=filesystem)
@@ -212,8 +268,33 @@ def build_cache(
             "view_size": augment.size,
             "dim": dim,
             "teacher": teacher,
+            "prefix": _prefix_identity(prefix),
+            "feature_shape": _feature_shape(prefix) if prefix else None,
             "listing": listing.describe(max_objects=0),
             "excluded": len(exclude),
         },
         storage,
     )
+
+
+def _prefix_identity(prefix: PrefixSpec | None) -> dict[str, Any] | None:
+    """What determines the prefix output (the heads and the descriptor size do not)."""
+    if prefix is None:
+        return None
+    s = prefix.student
+    return {
+        "backbone": s.backbone,
+        "weights": s.init_from or s.weights,
+        "frozen_blocks": s.frozen_blocks,
+        "size": prefix.size,
+    }
+
+
+def _feature_shape(prefix: PrefixSpec) -> list[int]:
+    """(C, H, W) of the prefix output at the cached size."""
+    from rdcd.models import DescriptorModel
+    from train.frozen import prefix_features
+
+    model = DescriptorModel(prefix.student.backbone, kd_dim=8, dim=8).eval()
+    probe = torch.zeros(1, 3, prefix.size, prefix.size)
+    return list(prefix_features(model, probe, prefix.student.frozen_blocks).shape[1:])

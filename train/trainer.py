@@ -37,27 +37,17 @@ from rdcd.storage import (
     write_manifest,
 )
 from train.data import cached_dataset, online_dataset, read_exclude
+from train.frozen import freeze_prefix
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
 from train.settings import SettingsError, TrainSettings, from_config
+from train.student import build_student
 
 STATE_FILE = "state.pt"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 RUN_NAME = "ray"
 """Ray Train keeps its checkpoints under <output>/ray/."""
-
-
-def build_model(settings: TrainSettings) -> DescriptorModel:
-    s = settings.student
-    return DescriptorModel(
-        s.backbone,
-        kd_dim=s.kd_dim,
-        dim=s.dim,
-        gem_p=s.gem_p,
-        pretrained=s.weights,
-        dropout=s.dropout,
-    )
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -76,7 +66,14 @@ def build_objective(settings: TrainSettings, model: DescriptorModel, net, device
     if settings.objective == "rdcd":
         criterion = RDCDCriterion(settings.rdcd_loss(), seed=settings.seed).to(device)
         return RDCDObjective(
-            net, model, criterion, inputs, settings.loss["momentum"], teacher=teacher, amp=amp
+            net,
+            model,
+            criterion,
+            inputs,
+            settings.loss["momentum"],
+            teacher=teacher,
+            amp=amp,
+            frozen_blocks=settings.student.frozen_blocks,
         )
     return SSCDObjective(net, model, SSCDCriterion(settings.sscd_loss()), inputs, amp=amp)
 
@@ -167,12 +164,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(int(settings.scaling.threads))
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
-    model = build_model(settings)
+    model = build_student(settings.student)
     if settings.scaling.use_gpu and world > 1:
         from timm.layers import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)
     model = model.to(device).to(memory_format=torch.channels_last)
+    freeze_prefix(model, settings.student.frozen_blocks)
     teacher = None
     if settings.needs_teacher() and not loop_config["cached"]:
         from rdcd.embedder import load_embedder
@@ -186,7 +184,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         teacher = embedder.embed
     objective = build_objective(settings, model, None, device, teacher)
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        [param for param in model.parameters() if param.requires_grad],
         lr=0.0,
         momentum=settings.optim.momentum,
         weight_decay=settings.optim.weight_decay,
@@ -200,7 +198,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
         step = _restore_state(objective, optimizer, state)
     objective.net = ray.train.torch.prepare_model(
-        StudentNet(model), move_to_device=False, parallel_strategy="ddp"
+        StudentNet(model, settings.student.frozen_blocks),
+        move_to_device=False,
+        parallel_strategy="ddp",
     )
     log = MetricLog.resume(settings.output, storage, step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
@@ -229,7 +229,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if settings.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    optimizer.param_groups[0]["params"], settings.optim.grad_clip
+                )
             optimizer.step()
             step += 1
             images += settings.global_batch
@@ -316,8 +318,11 @@ def prepare_data(settings: TrainSettings, config: dict[str, Any], storage: Stora
     exclude = read_exclude(settings.exclude, storage)
     max_pixels = int(config["preprocess"]["max_pixels"])
     if settings.data.cache:
-        from train.teacher_cache import build_cache
+        from train.teacher_cache import PrefixSpec, build_cache
 
+        prefix = None
+        if settings.data.cache_features:
+            prefix = PrefixSpec(settings.student, settings.student_size)
         manifest = build_cache(
             input_url=settings.input,
             cache_url=settings.data.cache,
@@ -335,11 +340,17 @@ def prepare_data(settings: TrainSettings, config: dict[str, Any], storage: Stora
             actor_num_cpus=settings.data.teacher_num_cpus,
             actor_threads=settings.data.teacher_threads,
             map_num_cpus=settings.data.map_num_cpus,
+            prefix=prefix,
         )
         dataset = cached_dataset(
-            settings.data.cache, storage, settings.student_size, settings.data.map_num_cpus
+            settings.data.cache,
+            storage,
+            settings.student_size,
+            settings.data.map_num_cpus,
+            manifest.get("feature_shape"),
         )
-        info = f"teacher cache {settings.data.cache} ({manifest['views_per_image']} views/image)"
+        info = f"teacher cache {settings.data.cache} ({manifest['views_per_image']} views/image"
+        info += ", prefix features)" if prefix else ")"
         return dataset, int(manifest["images"]), info, True
     dataset = online_dataset(
         settings.input,
