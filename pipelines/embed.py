@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from pipelines.jobs import JobError, module_main
@@ -176,6 +177,7 @@ def run_embed(
             "list_s": round(listed_s, 3),
             "pipeline_s": round(pipeline_s, 3),
             "finalize_s": round(finalize_s, 3),
+            "model_load_s": round(progress.model_load_s, 3),
             "busy_s": {k: round(v, 3) for k, v in progress.busy.items()},
         },
         "peak_rss_mb": {
@@ -419,10 +421,11 @@ def _check_same_run(previous: dict[str, Any], spec: dict[str, Any], url: str) ->
 
 
 class Progress:
-    """One bar over images, plus the per-stage busy seconds and peak RSS the parts report.
+    """One bar over images, plus what the parts report: busy seconds per stage, peak RSS per
+    kind of worker, the model actors' load time and when the first model batch started.
 
-    The steady rate counts from the first finished batch, leaving out the start-up (actors
-    loading the model) that dominates small runs."""
+    The steady rate counts from that first model batch, leaving out the start-up (Ray, actors
+    importing torch and loading the model) that dominates small runs."""
 
     def __init__(self, pending: list[InputShard]) -> None:
         from tqdm.auto import tqdm
@@ -433,15 +436,18 @@ class Progress:
         self.images = 0
         self.busy: Counter[str] = Counter()
         self.peak_rss: dict[str, int] = {}
-        self._first: tuple[float, int] | None = None
+        self.model_load_s = 0.0
+        self._first_model_batch: float | None = None
         self._last = 0.0
 
     def update(self, meta: dict[str, Any]) -> None:
         self.images += meta["rows"]
         self.bar.update(meta["rows"])
-        self._last = time.perf_counter()
-        if self._first is None:
-            self._first = (self._last, self.images)
+        self._last = time.time()
+        if meta["embed_started"] is not None:
+            first = self._first_model_batch
+            self._first_model_batch = min(first or meta["embed_started"], meta["embed_started"])
+        self.model_load_s = max(self.model_load_s, meta["model_load_s"])
         for stage in ("decode", "embed", "write"):
             self.busy[stage] += meta[f"{stage}_s"]
             key = f"{stage}_worker"
@@ -449,9 +455,9 @@ class Progress:
 
     @property
     def steady_rate(self) -> float | None:
-        if self._first is None or self._last <= self._first[0]:
+        if self._first_model_batch is None or self._last <= self._first_model_batch:
             return None
-        return (self.images - self._first[1]) / (self._last - self._first[0])
+        return self.images / (self._last - self._first_model_batch)
 
     def close(self) -> None:
         self.bar.close()
@@ -680,6 +686,7 @@ class EmbedStage:
     ) -> None:
         from rdcd.embedder import load_embedder
 
+        started = time.perf_counter()
         self.embedder = load_embedder(
             spec,
             device=device,
@@ -693,9 +700,10 @@ class EmbedStage:
                 f"model {spec!r} is {self.embedder.model_id} on this worker but "
                 f"{model_id} on the driver: the card changed during the run"
             )
+        self.load_s = time.perf_counter() - started
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        started = time.perf_counter()
+        started, wall_clock = time.perf_counter(), time.time()
         n = table.num_rows
         good = pc.and_(pc.is_valid(table.column("image_id")), pc.is_null(table.column("stage")))
         good = np.asarray(good.to_numpy(zero_copy_only=False), dtype=bool)
@@ -709,7 +717,12 @@ class EmbedStage:
         table = table.drop_columns(["pixels", "pixels_h", "pixels_w"]).append_column(
             "descriptor", descriptor_array(descriptors)
         )
-        for name, column in _stats_columns("embed", time.perf_counter() - started, n).items():
+        stats = {
+            **_stats_columns("embed", time.perf_counter() - started, n),
+            "embed_started": pa.array(np.full(n, wall_clock)),
+            "model_load_s": pa.array(np.full(n, self.load_s)),
+        }
+        for name, column in stats.items():
             table = table.append_column(name, column)
         return table
 
@@ -764,6 +777,8 @@ def write_parts(
                 "embed_s": pc.sum(rows.column("embed_s")).as_py() or 0.0,
                 "decode_rss": pc.max(rows.column("decode_rss")).as_py() or 0,
                 "embed_rss": pc.max(rows.column("embed_rss")).as_py() or 0,
+                "embed_started": pc.min(rows.column("embed_started")).as_py(),
+                "model_load_s": pc.max(rows.column("model_load_s")).as_py() or 0.0,
             }
         )
     elapsed = time.perf_counter() - started
@@ -786,6 +801,8 @@ META_SCHEMA = pa.schema(
         ("embed_rss", pa.int64()),
         ("write_s", pa.float64()),
         ("write_rss", pa.int64()),
+        ("embed_started", pa.float64()),
+        ("model_load_s", pa.float64()),
     ]
 )
 
@@ -850,7 +867,10 @@ def commit_shard(
 def check_invariants(
     listing: Listing, totals: dict[str, Any], out: OutputFolder, settings: EmbedSettings
 ) -> None:
-    """descriptors + errors = inputs listed, and no image_id twice across shards."""
+    """descriptors + errors = inputs listed, and no image_id twice across shards.
+
+    Folder ids (relative paths) are unique by construction and commits check each shard, so
+    only tar keys and Parquet ids are checked across shards, up to unique_check_max_rows."""
     if totals["descriptors"] + totals["errors"] != totals["inputs"]:
         raise JobError(f"{out.url}: descriptors + errors != inputs; re-run with --overwrite")
     if listing.count is not None and totals["inputs"] != listing.count:
@@ -858,22 +878,29 @@ def check_invariants(
             f"{out.url}: {totals['inputs']} rows for {listing.count} listed inputs; "
             "re-run with --overwrite"
         )
-    if totals["inputs"] > settings.unique_check_max_rows or len(listing.shards) < 2:
+    if (
+        listing.layout == "files"
+        or len(listing.shards) < 2
+        or totals["inputs"] > settings.unique_check_max_rows
+    ):
         return
-    ids = []
-    for table_name in TABLES:
-        for shard in listing.shards:
-            path = out._p(table_name, f"{shard.name}.parquet")
-            with out.fs.open(path, "rb") as handle:
-                ids.append(pq.read_table(handle, columns=["image_id"]).column("image_id"))
-    column = pa.chunked_array([c for chunked in ids for c in chunked.chunks], pa.string())
+    files = [out._p(table, f"{shard.name}.parquet") for table in TABLES for shard in listing.shards]
+    filesystem = st.get_pyarrow_filesystem(out.url, out.storage)
+    column = ds.dataset(files, filesystem=filesystem, format="parquet").to_table(
+        columns=["image_id"]
+    )["image_id"]
     distinct = pc.count_distinct(column).as_py()
     if distinct != len(column):
         counts = pc.value_counts(column)
         repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:3]
+        advice = (
+            "set input.tar_id=shard_key for WebDataset sets whose keys repeat across tars"
+            if listing.layout == "tar"
+            else f"make the {listing.layout} id column unique"
+        )
         raise JobError(
             f"{len(column) - distinct} image_ids occur in more than one shard (e.g. {repeated}); "
-            "for WebDataset sets whose keys repeat across tars set input.tar_id=shard_key"
+            f"{advice}, then re-run with --overwrite"
         )
 
 

@@ -98,13 +98,23 @@ class Shard:
 
 
 def find_descriptors(url: str, options: st.StorageOptions) -> str | None:
-    """The descriptors folder that url is or holds (url/descriptors first), else None."""
+    """The descriptors folder that url is or holds (url/descriptors first), else None.
+
+    Looks one level deep only, so telling an image prefix from a table never lists the images.
+    """
+    fs = st.get_filesystem(url, options)
     for candidate in (st.join(url, "descriptors"), url):
-        files = list_parquet(candidate, options)
+        root = st.strip_protocol(candidate)
+        if fs.isfile(root):
+            files = [root] if root.endswith(".parquet") else []
+        else:
+            files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+        files = [f for f in files if not os.path.basename(f).startswith(("_", "."))]
         if not files:
             continue
-        schema = _read_schema(files[0][0], options)
-        if "descriptor" in schema.names:
+        protocol = st.protocol_of(candidate)
+        first = files[0] if protocol == "file" else f"{protocol}://{files[0]}"
+        if "descriptor" in _read_schema(first, options).names:
             return candidate
     return None
 

@@ -13,6 +13,7 @@ so a killed stage resumes where it stopped.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
@@ -270,6 +271,13 @@ def exact_reduce(index_url: str, offset_urls: list[str] | None, settings, option
     return a, b, scores
 
 
+def read_npz(url: str, options) -> dict[str, np.ndarray]:
+    """A task's result file, read into memory (no local cache copy of scratch files)."""
+    with st.get_filesystem(url, options).open(st.strip_protocol(url), "rb") as handle:
+        with np.load(io.BytesIO(handle.read())) as data:
+            return {key: data[key] for key in data.files}
+
+
 def image_ids_of(index_url: str, meta: dict[str, Any], ids: np.ndarray, options) -> pa.Array:
     """image_id of each dense id, reading one shard's id map at a time."""
     out = np.empty(len(ids), dtype=object)
@@ -329,7 +337,7 @@ def assemble(
 ) -> dict[str, Any]:
     """All chunk results + exact pairs -> pairs/ and near_misses/ Parquet parts."""
     meta, _ = opened_store(index_url, options)
-    loaded = [np.load(local_copy(url, options)) for url in chunk_urls]
+    loaded = [read_npz(url, options) for url in chunk_urls]
 
     def cat(key: str, dtype) -> np.ndarray:
         return np.concatenate([c[key] for c in loaded] + [np.zeros(0, dtype)]).astype(dtype)

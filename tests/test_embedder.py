@@ -87,57 +87,49 @@ def test_bad_batches_are_clear_errors_and_empty_batches_are_fine(default):
     assert default.embed(np.zeros((0, size, size, 3), np.uint8)).shape == (0, 128)
 
 
-@pytest.fixture()
-def tiny(tmp_path):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny student and its whitened twin (same weights, 8 -> 4 whitening)."""
+    root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     model = DescriptorModel("test_resnet", kd_dim=24, dim=8)
-    save_model(model, card_for(model, 64), str(tmp_path / "tiny"))
-    return str(tmp_path / "tiny")
-
-
-def test_a_corrupt_cached_export_is_replaced(tiny, tmp_path):
-    cache = tmp_path / "cache"
-    first = load_embedder(tiny, device="cpu", cache_dir=str(cache))
-    exported = next(cache.glob("*.onnx"))
-    reference = first.embed(_pixels(64))
-    exported.write_bytes(b"truncated")
-    again = load_embedder(tiny, device="cpu", cache_dir=str(cache))
-    assert isinstance(again, OnnxEmbedder) and exported.stat().st_size > 1000
-    assert np.allclose(again.embed(_pixels(64)), reference, atol=1e-6)
-
-
-def test_a_foreign_cached_export_is_caught_by_the_eager_check(tiny, tmp_path):
-    cache = tmp_path / "cache"
-    torch.manual_seed(1)
-    other = DescriptorModel("test_resnet", kd_dim=24, dim=8)
-    save_model(other, card_for(other, 64), str(tmp_path / "other"))
-    load_embedder(str(tmp_path / "other"), device="cpu", cache_dir=str(cache))
-    foreign = next(cache.glob("*.onnx"))
-    target = cache / f"{read_card(tiny).model_id}-64.onnx"
-    foreign.rename(target)
-    embedder = load_embedder(tiny, device="cpu", cache_dir=str(cache))
-    model, card = load_model(tiny)
-    with torch.no_grad():
-        eager = PixelModel(model, card.input.mean, card.input.std)(torch.from_numpy(_pixels(64)))
-    assert np.abs(embedder.embed(_pixels(64)) - eager.numpy()).max() < 1e-3
-
-
-def test_whitened_student_serves_the_whitened_dimension(tmp_path):
-    torch.manual_seed(0)
-    model = DescriptorModel("test_resnet", kd_dim=24, dim=8)
+    save_model(model, card_for(model, 64), str(root / "plain"))
     matrix, mean = torch.randn(4, 8), torch.randn(8) * 0.01
     model.set_whitening(mean, matrix)
-    save_model(model, card_for(model, 64), str(tmp_path / "w"))
-    embedder = load_embedder(str(tmp_path / "w"), device="cpu", cache_dir=str(tmp_path / "c"))
+    save_model(model, card_for(model, 64), str(root / "white"))
+    return root
+
+
+def _eager(folder) -> np.ndarray:
+    model, card = load_model(str(folder))
+    with torch.no_grad():
+        out = PixelModel(model, card.input.mean, card.input.std)(torch.from_numpy(_pixels(64)))
+    return out.numpy()
+
+
+def test_whitened_student_serves_the_whitened_dimension(tiny, tmp_path):
+    embedder = load_embedder(str(tiny / "white"), device="cpu", cache_dir=str(tmp_path))
+    assert isinstance(embedder, OnnxEmbedder)
     z = embedder.embed(_pixels(64))
     assert embedder.dim == 4 and z.shape == (3, 4)
-    model.set_whitening(None, None)
-    with torch.no_grad():
-        raw = PixelModel(model.eval(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
-            torch.from_numpy(_pixels(64))
-        )
+    raw = torch.from_numpy(_eager(tiny / "plain"))
+    model, _ = load_model(str(tiny / "white"))
+    mean, matrix = model.whitening.mean, model.whitening.matrix
     expected = torch.nn.functional.normalize((raw - mean) @ matrix.T, dim=-1).numpy()
     assert np.abs(z - expected).max() < 1e-3
+
+
+def test_a_foreign_or_broken_cached_export_is_replaced(tiny, tmp_path):
+    white = load_embedder(str(tiny / "white"), device="cpu", cache_dir=str(tmp_path / "a"))
+    assert white.dim == 4
+    foreign = next((tmp_path / "a").glob("*.onnx"))
+    target = tmp_path / "b" / f"{read_card(str(tiny / 'plain')).model_id}-64.onnx"
+    target.parent.mkdir()
+    target.write_bytes(foreign.read_bytes())
+    embedder = load_embedder(str(tiny / "plain"), device="cpu", cache_dir=str(tmp_path / "b"))
+    assert isinstance(embedder, OnnxEmbedder) and embedder.dim == 8
+    assert target.read_bytes() != foreign.read_bytes()
+    assert np.abs(embedder.embed(_pixels(64)) - _eager(tiny / "plain")).max() < 1e-3
 
 
 def test_short_side_students_run_on_torch_and_card_input_is_enforced(tmp_path):

@@ -26,6 +26,8 @@ from pipelines.nightly import run_nightly
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(420)
+CHILD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+"""A test cluster without token auth; the driver must agree with its nodes on that."""
 EMBED_NAMES = ("ReadShards", "MapBatches", "MapWorker", "EmbedStage", "decode")
 
 
@@ -72,9 +74,8 @@ def _running_on(address: str, node_id: str, job_id: str) -> list[str]:
 
 
 def child(card: str, history: str, incoming: str, report: str) -> None:
-    """Two nights on a two-node cluster; the worker node is killed during night 2."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    """Two nights on a two-node cluster; the worker node is killed during night 2. Runs with
+    CHILD_ENV (Ray reads it when first imported, which importing this module already does)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -148,15 +149,15 @@ def published(history: Path) -> dict[str, list]:
     (version,) = (history / "versions").iterdir()
     out = {}
     for table, columns in (
-        ("pairs", "image_id_a, image_id_b, round(score, 5), exact, run_id, model_id"),
-        ("groups", "image_id, group_id, group_size, is_keeper, keep_reason"),
-        ("group_changes", "image_id, group_id, previous_group_id, change, run_id"),
-        ("descriptors", "image_id, content_hash, model_id"),
-        ("errors", "image_id, stage"),
+        ("pairs", "image_id_a, image_id_b, round(score, 5), exact, run_id, model_id, date"),
+        ("groups", "image_id, group_id, group_size, is_keeper, keep_reason, bucket"),
+        ("group_changes", "image_id, group_id, previous_group_id, change, run_id, date"),
+        ("descriptors", "image_id, content_hash, model_id, date"),
+        ("errors", "image_id, stage, date"),
     ):
         out[table] = duckdb.sql(
-            f"SELECT {columns}, CAST(date AS VARCHAR) FROM "
-            f"read_parquet('{version}/{table}/*/*.parquet', hive_partitioning = true) ORDER BY ALL"
+            f"SELECT {columns} FROM read_parquet('{version}/{table}/*/*.parquet', "
+            "hive_partitioning = true) ORDER BY ALL"
         ).fetchall()
     return out
 
@@ -174,7 +175,7 @@ def test_two_nodes_share_the_work_and_survive_losing_one(tmp_path, tmp_path_fact
             sys.executable, "-c", code, str(REPO / "tests"), card, str(history),
             str(paths["incoming"]), str(report),
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=360,
+        cwd=REPO, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=360,
     )  # fmt: skip
     (tmp_path / "child.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -147,6 +147,14 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     bad = ["--set", "synth.max_edits=0"]
     assert main(["synth", str(tmp_path / "one"), str(tmp_path / "o"), *bad]) == 2
     assert not (tmp_path / "out").exists()
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("mine")
+    (tmp_path / "one" / "b.jpg").write_bytes(encode(photo_like(2), "JPEG"))
+    assert synth(tmp_path / "one", tmp_path / "keep") == 2
+    assert "not a `rdcd synth` output" in capsys.readouterr().err
+    assert (tmp_path / "keep" / "precious.txt").read_text() == "mine"
+    assert synth(tmp_path / "one", tmp_path / "one" / "bench") == 2
+    assert "must not be inside" in capsys.readouterr().err
 
 
 def test_edit_proportions_follow_the_weights():

@@ -105,7 +105,7 @@ def online_dataset(
     num_cpus: float,
 ):
     """Images from input_url as pairs of views, augmented in CPU tasks."""
-    images = sources.read_images(input_url, source_options, storage)
+    images = sources.read_images(input_url, source_options, storage, num_cpus=num_cpus)
     return images.map_batches(
         two_views,
         fn_kwargs={"settings": settings, "exclude": exclude, "max_pixels": max_pixels},

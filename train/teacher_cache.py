@@ -209,7 +209,8 @@ def build_cache(
             )
         return manifest
     tmp_url = f"{cache_url.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    images = sources.read_images(listing, source_options, storage)
+    # Fractional CPUs everywhere: whole-CPU actors would starve the read tasks on small nodes.
+    images = sources.read_images(listing, source_options, storage, num_cpus=map_num_cpus)
     with_views = images.map_batches(
         make_views,
         fn_kwargs={
