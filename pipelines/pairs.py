@@ -310,8 +310,8 @@ def pairs_table(
             "image_id_b": pc.if_else(swap, ia, ib),
             "score": pa.array(score, pa.float32()),
             "exact": pa.array(exact, pa.bool_()),
-            "run_id": pa.array([run_id] * len(a), pa.string()),
-            "model_id": pa.array([meta["model_id"]] * len(a), pa.string()),
+            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), len(a)),
+            "model_id": pa.repeat(pa.scalar(meta["model_id"], pa.string()), len(a)),
         },
         schema=PAIRS_SCHEMA,
     )
@@ -351,8 +351,26 @@ def assemble(
         np.concatenate([a, ea]), np.concatenate([b, eb]), np.concatenate([s, es]), exact
     )
     pairs = pairs_table(index_url, meta, a, b, s, exact, run_id, options)
-    na, nb, ns = match.unique_pairs(cat("na", np.int64), cat("nb", np.int64), cat("ns", np.float32))
-    near = pairs_table(index_url, meta, na, nb, ns, np.zeros(len(na), bool), run_id, options)
+    # A near miss that is also a pair (an exact duplicate below the threshold) is dropped:
+    # merged with the pairs flagged True, the pair's row wins.
+    near_a, near_b, near_s = cat("na", np.int64), cat("nb", np.int64), cat("ns", np.float32)
+    na, nb, ns, is_pair = match.unique_pairs(
+        np.concatenate([a, near_a]),
+        np.concatenate([b, near_b]),
+        np.concatenate([s, near_s]),
+        np.concatenate([np.ones(len(a), bool), np.zeros(len(near_a), bool)]),
+    )
+    only = ~is_pair
+    near = pairs_table(
+        index_url,
+        meta,
+        na[only],
+        nb[only],
+        ns[only],
+        np.zeros(int(only.sum()), bool),
+        run_id,
+        options,
+    )
     write_parts(pairs, st.join(out_url, "pairs"), options)
     write_parts(near, st.join(out_url, "near_misses"), options)
     return {

@@ -107,6 +107,8 @@ class OnnxEmbedder:
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        if device == "cuda" and self.device == "cpu":
+            log.warning("%s: onnxruntime has no CUDA provider here; running on CPU", model_id)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self._input = self.session.get_inputs()[0].name
 

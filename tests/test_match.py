@@ -130,6 +130,9 @@ def test_all_pairs_recall_against_brute_force(tmp_path, ray_session):
     exact = {(r["image_id_a"], r["image_id_b"]) for r in rows if r["exact"]}
     assert exact == {(ids[10], ids[row]) for row in range(11, 30)}  # star, beyond k
     assert summary["exact_pairs"] == 19 and summary["pairs"] == len(rows)
+    near = duckdb.sql(f"SELECT * FROM '{out}/near_misses/*.parquet'").fetchall()
+    assert near and all(0.65 - 1e-6 <= r[2] < 0.7 for r in near)
+    assert not {(r[0], r[1]) for r in near} & {(r["image_id_a"], r["image_id_b"]) for r in rows}
     again = run_pairs(str(tmp_path / "index"), str(out), cfg, threshold=0.7, run_id="t1")
     assert again["skipped"]
     changed = run_pairs(str(tmp_path / "index"), str(out), cfg, threshold=0.8, run_id="t1")

@@ -42,6 +42,7 @@ def cluster_config(card: str, history: str, incoming: str) -> dict:
         actors=1, actor_num_cpus=0.25, decode_num_cpus=0.5, write_num_cpus=0.25, batch_size=4
     )
     config["index"].update(factory="IVF2,Flat", shard_vectors=3)
+    config["nightly"]["max_index_parts"] = 2  # compaction into an on-disk part, too
     config["match"]["query_rows"] = 3
     config["nightly"]["task_cpus"] = 0.25
     return config
@@ -88,6 +89,8 @@ def child(card: str, history: str, incoming: str, report: str) -> None:
             "dashboard_host": "127.0.0.1",
             "dashboard_port": _free_port(),
             "dashboard_agent_listen_port": _free_port(),
+            # notice a dead node in ~2 s instead of ~30 s: the test waits for it
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
         },
     )
     worker = cluster.add_node(

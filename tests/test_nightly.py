@@ -29,6 +29,7 @@ from pipelines.dedup import run_dedup
 from pipelines.jobs import JobError
 from pipelines.nightly import run_nightly
 from rdcd import drift, group_updates, runlog
+from rdcd.config import load_config
 from rdcd.history import History, ModelMismatchError, check_table_model
 from rdcd.storage import StorageOptions
 
@@ -263,6 +264,12 @@ def test_group_updates_merge_groups_like_a_batch_run(tmp_path):
     assert snapshot.select(batch.column_names).to_pylist() == batch.to_pylist()
     keeper = snapshot.filter(pa.compute.equal(snapshot["is_keeper"], True))
     assert "e" in keeper["image_id"].to_pylist()  # largest file_size ('e') wins its group
+
+
+@pytest.mark.parametrize("name", ["nightly.yaml", "backfill.yaml", "cluster/nightly-gpu.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert config["nightly"]["history"].startswith("s3://")
 
 
 def test_drift_asks_for_a_retrain_only_beyond_its_bounds():

@@ -77,6 +77,7 @@ class _TinyDescriptor(torch.nn.Module):
         return self.fc(self.conv(x).clamp(min=1e-6).pow(3).mean(dim=(-2, -1)).pow(1 / 3))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_teacher_normalises_with_imagenet_statistics(tmp_path):
     torch.manual_seed(0)
     net = _TinyDescriptor().eval()

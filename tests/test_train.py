@@ -84,6 +84,7 @@ def test_ddp_run_trains_checkpoints_to_s3_and_resumes(ray_session, s3_fs, image_
         BUCKET_RUN,
         **{
             "optim.max_steps": 6,
+            "optim.batch_size": 8,
             "scaling.num_workers": 2,
             "scaling.cpus_per_worker": 0.5,
         },
@@ -98,20 +99,20 @@ def test_ddp_run_trains_checkpoints_to_s3_and_resumes(ray_session, s3_fs, image_
     after = _checkpoint_states(s3_fs)
     assert sorted(after) == [6, 9], "two checkpoints kept"
     resumed, final = before[6], after[9]
-    # Queues are global (gathered from both workers: 8 rows per step) and were restored:
+    # Queues are global (gathered from both workers: 16 rows per step) and were restored:
     # the pointer moved on by 3 steps from the step-6 state, and the slots that the last
     # 3 steps did not overwrite still hold exactly what the first run had written there.
     for queue in ("teacher_queue", "student_queue"):
         pointer = int(resumed["criterion"][f"{queue}.pointer"])
-        assert pointer == 6 * 8 % 64
-        assert int(final["criterion"][f"{queue}.pointer"]) == (pointer + 3 * 8) % 64
-        untouched = list(range((pointer + 24) % 64, pointer))
+        assert pointer == 6 * 16 % 64
+        assert int(final["criterion"][f"{queue}.pointer"]) == (pointer + 3 * 16) % 64
+        untouched = list(range((pointer + 48) % 64, pointer))
+        assert len(untouched) == 16
         for field in ("features", "image_keys"):
             old = resumed["criterion"][f"{queue}.{field}"][untouched]
             new = final["criterion"][f"{queue}.{field}"][untouched]
             assert torch.equal(old, new)
-        written = resumed["criterion"][f"{queue}.image_keys"][:pointer]
-        assert (written >= 0).all(), "entries come from real images"
+        assert (resumed["criterion"][f"{queue}.image_keys"] >= 0).all(), "from real images"
     rows = _metrics(s3_fs)
     assert [row["step"] for row in rows] == list(range(1, 10))
     for row in rows:
@@ -126,9 +127,8 @@ def test_ddp_run_trains_checkpoints_to_s3_and_resumes(ray_session, s3_fs, image_
             "sim_hard_neg",
         ):
             assert math.isfinite(row[key]), (key, row)
-    first_rel = np.mean([row["loss_rel"] for row in rows[:3]])
-    last_rel = np.mean([row["loss_rel"] for row in rows[-3:]])
-    assert last_rel < first_rel, "the student moves towards the teacher's relations"
+    first, last = (np.mean([row["loss"] for row in part]) for part in (rows[:3], rows[-3:]))
+    assert last < first, "the objective decreases over the run"
     model, card = cards.load_model(f"{BUCKET_RUN}/model", StorageOptions.from_config(None))
     assert card.architecture.dim == 8 and card.training["steps"] == 9
     assert not any(name.startswith(("momentum", "criterion")) for name in model.state_dict())

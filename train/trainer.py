@@ -10,8 +10,6 @@ same queues. At the end the driver exports the student as a model card (train.ex
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -27,25 +25,22 @@ from rdcd.models import DescriptorModel, model_mean_std
 from rdcd.runtime import init_ray
 from rdcd.storage import (
     StorageOptions,
-    exists,
     get_filesystem,
     get_pyarrow_filesystem,
     join,
     read_manifest,
     strip_protocol,
-    write_bytes_atomic,
     write_manifest,
 )
 from train.data import cached_dataset, online_dataset, read_exclude
 from train.frozen import freeze_prefix
+from train.metric_log import METRICS_CSV, MetricLog, mean_across_ranks
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
 from train.settings import SettingsError, TrainSettings, from_config
 from train.student import build_student
 
 STATE_FILE = "state.pt"
-METRICS_JSONL = "metrics.jsonl"
-METRICS_CSV = "metrics.csv"
 RUN_NAME = "ray"
 """Ray Train keeps its checkpoints under <output>/ray/."""
 
@@ -76,63 +71,6 @@ def build_objective(settings: TrainSettings, model: DescriptorModel, net, device
             frozen_blocks=settings.student.frozen_blocks,
         )
     return SSCDObjective(net, model, SSCDCriterion(settings.sscd_loss()), inputs, amp=amp)
-
-
-class MetricLog:
-    """Per-interval means of the step statistics; rank 0 publishes CSV + JSONL with each
-    checkpoint, so the log on storage always matches the checkpoint it sits beside."""
-
-    def __init__(self, output: str, storage: StorageOptions, rows: list[dict[str, Any]]):
-        self.output = output
-        self.storage = storage
-        self.rows = rows
-        self.pending: list[dict[str, float]] = []
-
-    @classmethod
-    def resume(cls, output: str, storage: StorageOptions, step: int) -> MetricLog:
-        url = join(output, METRICS_JSONL)
-        rows: list[dict[str, Any]] = []
-        if step > 0 and exists(url, storage):
-            with get_filesystem(url, storage).open(strip_protocol(url), "rb") as handle:
-                rows = [json.loads(line) for line in handle.read().decode().splitlines() if line]
-            rows = [row for row in rows if row["step"] <= step]
-        return cls(output, storage, rows)
-
-    def add(self, stats: dict[str, float]) -> None:
-        self.pending.append(stats)
-
-    def close_interval(self, extra: dict[str, Any]) -> dict[str, Any]:
-        keys = sorted({key for stats in self.pending for key in stats})
-        row = dict(extra)
-        for key in keys:
-            values = [stats[key] for stats in self.pending if key in stats]
-            row[key] = sum(values) / len(values)
-        self.pending = []
-        self.rows.append(row)
-        return row
-
-    def publish(self) -> None:
-        fields = list(dict.fromkeys(key for row in self.rows for key in row))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in self.rows)
-        write_bytes_atomic(join(self.output, METRICS_JSONL), lines.encode(), self.storage)
-        write_bytes_atomic(join(self.output, METRICS_CSV), text.getvalue().encode(), self.storage)
-
-
-def _mean_across_ranks(stats: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average the logged statistics over workers (same key order on every rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return stats
-    keys = sorted(stats)
-    values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist(), strict=True))
 
 
 def _save_state(objective, optimizer, step: int) -> dict[str, Any]:
@@ -235,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             step += 1
             images += settings.global_batch
-            stats = _mean_across_ranks(stats, device)
+            stats = mean_across_ranks(stats, device)
             if log is not None:
                 log.add(stats)
             if bar is not None:
