@@ -913,8 +913,17 @@ def _stats_columns(stage: str, elapsed: float, n: int) -> dict[str, pa.Array]:
 
 
 def _peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory. Linux: VmHWM, which exec resets (ru_maxrss is
+    inherited from the parent, so a driver started by a big process would report its peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import json
 import os
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ class Run:
     date: str
     input_url: str
     ids_url: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    """Parquet/CSV of exactly the image ids to admit (a backfill replaying a run)."""
 
     def work(self, *parts: str) -> str:
         return self.version.sub("work", self.run_id, *parts)
@@ -185,12 +185,11 @@ class Run:
         return payload
 
     def stage(self, name: str, body) -> dict[str, Any]:
-        """Run body() unless the stage already finished; record its seconds either way."""
+        """body()'s result, recorded with its seconds; a finished stage's recorded result."""
         result = self.done(name)
         if result is None:
             started = time.perf_counter()
             result = self.finish(name, body(), time.perf_counter() - started)
-        self.timings[name] = float(result["seconds"])
         return result
 
 
@@ -229,19 +228,14 @@ def execute(run: Run) -> dict[str, Any]:
         pending = state.claim(run.run_id, run.kind, run.date)
         run.version.save_state(state)
         first_id = int(pending["first_id"])
-        bar = tqdm(total=len(STAGES), desc=run.run_id, unit="stage")
+        bar = tqdm(total=len(STAGES) - 1, desc=run.run_id, unit="stage")
         listed = _stage(run, bar, "list", lambda: stage_list(run, state))
         _stage(run, bar, "embed", lambda: stage_embed(run, listed))
         ingested = _stage(run, bar, "ingest", lambda: stage_ingest(run, state, listed, first_id))
         indexed = _stage(run, bar, "index", lambda: stage_index(run, state, ingested))
         paired = _stage(run, bar, "pairs", lambda: stage_pairs(run, state, ingested, indexed))
-        grouped = _stage(run, bar, "groups", lambda: stage_groups(run, state, ingested, paired))
-        _stage(
-            run,
-            bar,
-            "commit",
-            lambda: stage_commit(run, listed, ingested, indexed, paired, grouped),
-        )
+        _stage(run, bar, "groups", lambda: stage_groups(run, state, ingested, paired))
+        _stage(run, bar, "commit", lambda: stage_commit(run, listed, ingested, indexed, paired))
         bar.close()
     return finalize(run)
 
@@ -438,6 +432,13 @@ def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) 
     )
     admitted = rows.filter(pc.invert(seen))
     count = admitted.num_rows
+    if pc.count_distinct(admitted["image_id"]).as_py() != count:
+        counts = pc.value_counts(admitted["image_id"]).to_pylist()
+        repeated = [c["values"] for c in counts if c["counts"] > 1][:3]
+        raise JobError(
+            f"{run.input_url} holds image ids more than once (e.g. {repeated}); every image "
+            "needs its own id (for tar sets whose keys repeat, set input.tar_id=shard_key)"
+        )
     error_table = pa.concat_tables(errors)
     error_table = pa.table(
         {
@@ -835,7 +836,6 @@ def stage_commit(
     ingested: dict[str, Any],
     indexed: dict[str, Any],
     paired: dict[str, Any],
-    grouped: dict[str, Any],
 ) -> dict[str, Any]:
     """Publish the date partitions and the touched group buckets, then write the ledger."""
     name = f"{run.run_id}.parquet"

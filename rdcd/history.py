@@ -9,11 +9,11 @@ of its own model, so tables of two models can never mix. Layout (any fsspec URL)
       versions/<model_id>/
         version.json                  model, dim, how it was built, status building|complete
         state.json                    the ledger: runs applied in order, ids used, live index
-        nights/date=D/                a run's work folder: one sub-folder + manifest per stage
-        descriptors/date=D/           published tables, hive-partitioned by run date
-        pairs/date=D/
-        group_changes/date=D/
-        errors/date=D/
+        work/<run_id>/                a run's work folder: stage results, its manifest
+        descriptors/date=D/<run_id>.parquet   published tables, hive-partitioned by run date
+        pairs/date=D/<run_id>.parquet
+        group_changes/date=D/<run_id>.parquet
+        errors/date=D/<run_id>.parquet
         groups/bucket=NNNN/           the current groups snapshot, bucketed by group_id
         index/                        the live index (rdcd/live_index.py)
 
@@ -105,14 +105,6 @@ class History:
             raise HistoryError(f"model_id {model_id!r} cannot name a folder")
         return Version(st.join(self.url, "versions", model_id), model_id, self.storage)
 
-    def versions(self) -> list[str]:
-        fs = st.get_filesystem(self.url, self.storage)
-        root = st.strip_protocol(st.join(self.url, "versions"))
-        fs.invalidate_cache()
-        if not fs.exists(root):
-            return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-
     def current(self) -> dict[str, Any] | None:
         """The current pointer ({model_id, switched_at, previous, reason}), None before any."""
         if not st.exists(self.current_url, self.storage):
@@ -156,10 +148,6 @@ class Version:
 
     def sub(self, *parts: str) -> str:
         return st.join(self.url, *parts)
-
-    def work(self, date: str, *parts: str) -> str:
-        """A run's work folder (stage outputs), nights/date=D/..."""
-        return self.sub("nights", f"date={date}", *parts)
 
     def table(self, name: str, date: str) -> str:
         """A published date partition, e.g. pairs/date=2026-11-28."""
@@ -249,9 +237,6 @@ class State:
 
     def run(self, run_id: str) -> RunRecord | None:
         return next((run for run in self.runs if run.run_id == run_id), None)
-
-    def dates(self) -> list[str]:
-        return [run.date for run in self.runs]
 
     def claim(self, run_id: str, kind: str, date: str) -> dict[str, Any]:
         """Reserve the next id block for run_id, or resume the claim it already holds."""
