@@ -32,7 +32,6 @@ from pipelines.jobs import JobError, module_main
 from pipelines.nightly import prepare, run_id_for, summary_lines
 from rdcd import live_index
 from rdcd.history import History, HistoryError, parse_date
-from rdcd.runtime import init_ray
 
 COMMAND = "backfill"
 HELP = (
@@ -84,7 +83,6 @@ def run_source(config: dict[str, Any]) -> dict[str, Any]:
             "added to the current version with its own model"
         )
     name = config["backfill"]["name"] or posixpath.basename(source.rstrip("/")) or "source"
-    init_ray(config["ray"])
     version = increment.open_version(history, model, settings, "source")
     run = increment.Run(
         config=config,
@@ -153,7 +151,6 @@ def run_model_backfill(config: dict[str, Any]) -> dict[str, Any]:
         }
     old = history.version(current)
     target = increment.open_version(history, model, settings, "backfill")
-    init_ray(config["ray"])
     replayed, images, pairs = 0, 0, 0
     while True:
         old_state = old.state()

@@ -25,7 +25,9 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +121,7 @@ def run_embed(
     out = OutputFolder(output_url, storage)
     spec = {
         "job": COMMAND,
-        "input": input_url,
+        "input": _normalised(input_url),
         "layout": listing.layout,
         "listing_digest": listing.digest,
         "files_per_shard": source_options.files_per_shard if listing.layout == "files" else None,
@@ -137,9 +139,10 @@ def run_embed(
     progress = Progress(pending)
     pipeline_started = time.perf_counter()
     if pending:
-        run_pipeline(
-            listing, pending, model, settings, source_options, storage, wanted, out, progress
-        )
+        with _own_progress_bar():
+            run_pipeline(
+                listing, pending, model, settings, source_options, storage, wanted, out, progress
+            )
     progress.close()
     pipeline_s = time.perf_counter() - pipeline_started
 
@@ -222,6 +225,13 @@ def _summary(
             f"{len(wanted)} / {max(0, len(wanted) - counts['inputs'])}"
         )
     return summary
+
+
+def _normalised(url: str) -> str:
+    """One spelling per location, so `photos/` and `./photos` resume the same output."""
+    if st.protocol_of(url) == "file":
+        return st.strip_protocol(url).rstrip("/") or "/"
+    return url.rstrip("/")
 
 
 def _redacted(config: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +345,10 @@ class OutputFolder:
 
     def prepare(self, spec: dict[str, Any], overwrite: bool) -> None:
         """Check that a partial/complete output belongs to this run; start a fresh one."""
+        bucket = self.path.split("/", 1)[0]
+        if st.protocol_of(self.url) != "file" and not self.fs.exists(bucket):
+            # makedirs would create the bucket: a typo must not do that.
+            raise JobError(f"output bucket {bucket!r} does not exist ({self.url})")
         try:
             self.fs.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -392,7 +406,6 @@ class OutputFolder:
             "descriptors": sum(m["descriptors"] for m in markers),
             "errors": sum(m["errors"] for m in markers),
             "errors_by_stage": dict(by_stage),
-            "markers": markers,
         }
 
     def _p(self, *parts: str) -> str:
@@ -476,16 +489,7 @@ def run_pipeline(
 ) -> None:
     """Stream every pending shard through decode -> model -> parts, committing shards as
     their last row lands."""
-    from ray.data import ActorPoolStrategy, DataContext
-    from ray.util.debug import log_once
-
-    # One bar over images (ours) instead of Ray Data's per-operator bars and their notices.
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-    log_once("ray_data_progress_manager_disabled")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from ray.data import ActorPoolStrategy
 
     placement = place_model(settings)
     dataset = read_images(
@@ -536,15 +540,15 @@ def run_pipeline(
         batch_size=settings.write_batch_size,
         batch_format="pyarrow",
         num_cpus=settings.write_num_cpus,
-        fn_kwargs={"staging_url": out.sub(STAGING_DIR), "storage": storage, "dim": model.dim},
+        fn_kwargs={"staging_url": out.sub(STAGING_DIR), "storage": storage},
     )
 
     expected: dict[str, int] = {}
     seen: Counter[str] = Counter()
     parts: dict[str, list[str]] = {shard.name: [] for shard in pending}
     by_name = {shard.name: shard for shard in pending}
-    # Commits move only descriptor-sized data (~200 B/image): driver threads keep up with a
-    # large cluster and, unlike remote tasks, start no worker processes.
+    # Commits move only descriptor-sized data (a few hundred bytes per image): driver threads
+    # keep up with a large cluster and, unlike remote tasks, start no worker processes.
     with ThreadPoolExecutor(settings.commit_threads, thread_name_prefix="commit") as pool:
         commits = []
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -577,6 +581,30 @@ def run_pipeline(
             f"internal error: shards {unfinished or sorted(parts)} never completed; "
             "re-run the same command to retry them"
         )
+
+
+@contextmanager
+def _own_progress_bar() -> Iterator[None]:
+    """Ray Data's per-operator bars and notices off while our one bar over images runs (set
+    before the dataset is built: it copies the context), restored afterwards for the caller."""
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    context = DataContext.get_current()
+    names = ("enable_progress_bars", "print_on_execution_start", "enable_auto_log_stats")
+    saved = {name: getattr(context, name) for name in names}
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    for name in names:
+        setattr(context, name, False)
+    log_once("ray_data_progress_manager_disabled")
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+        logger.setLevel(level)
 
 
 def place_model(settings: EmbedSettings) -> dict[str, Any]:
@@ -747,9 +775,7 @@ def _group_by_shape(table: pa.Table, good: np.ndarray) -> dict[tuple[int, int], 
 STAGING_SCHEMA_FIELDS = ("image_id", "uri", "content_hash", "width", "height", "descriptor")
 
 
-def write_parts(
-    table: pa.Table, *, staging_url: str, storage: st.StorageOptions, dim: int
-) -> pa.Table:
+def write_parts(table: pa.Table, *, staging_url: str, storage: st.StorageOptions) -> pa.Table:
     """Write each shard's rows of this batch as one part file; report what was written."""
     started = time.perf_counter()
     fs = st.get_filesystem(staging_url, storage)

@@ -56,6 +56,7 @@ from rdcd.history import (
     check_table_model,
 )
 from rdcd.live_index import Span
+from rdcd.runtime import init_ray
 from rdcd.sources import SourceError, SourceOptions, list_inputs
 from rdcd.tables import ERRORS_SCHEMA, PAIRS_SCHEMA, descriptor_matrix, descriptors_schema
 
@@ -519,9 +520,13 @@ def add_part_task(
 
 def task_options(run: Run, gpu: bool = False) -> dict[str, Any]:
     """Resources of the add/train/search tasks: spread over the nodes (the cluster's whole
-    CPU and page cache work for the night), and training gets a GPU when the cluster has one."""
+    CPU and page cache work for the night), and training gets a GPU when the cluster has one.
+
+    Ray is joined here, on first use, so resuming a run past its Ray stages (or re-running a
+    finished one) never needs the cluster."""
     from pipelines.index import use_gpu
 
+    init_ray(run.config["ray"])
     options: dict[str, Any] = {"num_cpus": run.settings.task_cpus, "scheduling_strategy": "SPREAD"}
     if gpu and use_gpu(run.config["index"]):
         options["num_gpus"] = 1

@@ -24,7 +24,6 @@ from pipelines import increment
 from pipelines.jobs import JobError, module_main
 from rdcd import storage as st
 from rdcd.history import History, HistoryError, parse_date
-from rdcd.runtime import init_ray
 
 COMMAND = "nightly"
 HELP = (
@@ -99,7 +98,6 @@ def run_nightly(config: dict[str, Any]) -> dict[str, Any]:
             "nightly runs append to the current version. Use its model card, or build and "
             "switch to the new model with `rdcd backfill`"
         )
-    init_ray(config["ray"])
     version = increment.open_version(history, model, settings, "nightly")
     run = increment.Run(
         config=config,

@@ -234,6 +234,8 @@ def test_clear_errors(tmp_path, tiny_model, ray_session, s3_server, capsys):
     with pytest.raises(JobError, match="bucket 'no-such-bucket' does not exist"):
         run_embed("s3://no-such-bucket/images", str(tmp_path / "out"), config)
     write_folder(tmp_path / "in", photo_set(3))
+    with pytest.raises(JobError, match="output bucket 'no-such-out' does not exist"):
+        run_embed(str(tmp_path / "in"), "s3://no-such-out/embeddings", config)
     with pytest.raises(JobError, match="cannot load model '/nope'"):
         bad_model = make_config(tiny_model, "model.card=/nope")
         run_embed(str(tmp_path / "in"), str(tmp_path / "out"), bad_model)

@@ -30,7 +30,7 @@ from pipelines.jobs import JobError
 from pipelines.nightly import run_nightly
 from rdcd import drift, group_updates, runlog
 from rdcd.config import load_config
-from rdcd.history import History, ModelMismatchError, check_table_model
+from rdcd.history import History, HistoryError, ModelMismatchError, State, check_table_model
 from rdcd.storage import StorageOptions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,6 +182,10 @@ def test_mixing_models_is_a_clear_error(world, tmp_path):
     foreign = pa.table({"model_id": ["rdcd-other-1"], "image_id": ["x"]})
     with pytest.raises(ModelMismatchError, match="never mixed"):
         check_table_model(foreign, version.model_id, "a table")
+    stricter = night_config(world["config"], "2026-11-04")
+    stricter["match"]["threshold"] = 0.7
+    with pytest.raises(JobError, match="threshold=0.6"):
+        run_nightly(stricter)  # pairs of one version must all mean the same thing
     other = model_card(world["models"], "b", seed=1)
     config = night_config(world["config"], "2026-11-04")
     config["model"]["card"] = other
@@ -264,6 +268,14 @@ def test_group_updates_merge_groups_like_a_batch_run(tmp_path):
     assert snapshot.select(batch.column_names).to_pylist() == batch.to_pylist()
     keeper = snapshot.filter(pa.compute.equal(snapshot["is_keeper"], True))
     assert "e" in keeper["image_id"].to_pylist()  # largest file_size ('e') wins its group
+
+
+def test_one_run_at_a_time_per_version():
+    state = State(model_id="m")
+    assert state.claim("nightly-a", "nightly", NIGHTS[0])["first_id"] == 0
+    with pytest.raises(HistoryError, match="did not finish"):
+        state.claim("nightly-b", "nightly", NIGHTS[1])
+    assert state.claim("nightly-a", "nightly", NIGHTS[0])["first_id"] == 0  # resuming is fine
 
 
 @pytest.mark.parametrize("name", ["nightly.yaml", "backfill.yaml", "cluster/nightly-gpu.yaml"])

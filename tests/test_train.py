@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
 
 import duckdb
 import numpy as np
@@ -27,7 +28,7 @@ from train.export import export_model, learn_whitening
 from train.frozen import forward_both, freeze_prefix, prefix_features
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
-from train.settings import SettingsError, from_config
+from train.settings import SettingsError, from_config, with_absolute_paths
 from train.teacher_cache import CacheError, build_cache
 from train.trainer import plan_steps, run_training
 
@@ -302,6 +303,9 @@ def test_step_plan_and_settings_checks(tmp_path):
     )
     with pytest.raises(SettingsError, match="at least one"):
         from_config(empty)
+    relative = with_absolute_paths(tiny_config("imgs", "s3://bucket/run"))
+    assert relative["train"]["input"] == os.path.abspath("imgs"), "workers run elsewhere"
+    assert relative["train"]["output"] == "s3://bucket/run"
     missing = load_config(None, [f"train.output={tmp_path}"])
     with pytest.raises(SettingsError, match="train.input"):
         from_config(missing)
@@ -354,3 +358,11 @@ def test_export_whitens_and_calibrates(image_folder, tmp_path, tiny_model):
     assert loaded.training["whitening"]["images"] == 16
     assert loaded.training["calibration"]["n_positives"] == 6
     assert model.whitening is not None
+
+
+def test_cli_reports_missing_settings_without_traceback(capsys, tmp_path):
+    from pipelines.cli import main
+
+    code = main(["train", "--set", f"train.output={tmp_path}"])
+    assert code == 2
+    assert "train.input is not set" in capsys.readouterr().err

@@ -6,6 +6,8 @@ a batch larger than the data, an unknown objective) are refused here, before Ray
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,6 +124,30 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+PATH_KEYS = (
+    ("input",),
+    ("output",),
+    ("exclude",),
+    ("data", "cache"),
+    ("export", "background"),
+    ("export", "calibration"),
+)
+
+
+def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config whose local train paths are absolute: Ray workers run in another
+    directory, so a relative path would land somewhere else on them."""
+    resolved = copy.deepcopy(config)
+    for keys in PATH_KEYS:
+        node = resolved["train"]
+        for key in keys[:-1]:
+            node = node[key]
+        value = node[keys[-1]]
+        if value and "://" not in value:
+            node[keys[-1]] = os.path.abspath(os.path.expanduser(value))
+    return resolved
 
 
 def from_config(config: dict[str, Any]) -> TrainSettings:

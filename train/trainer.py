@@ -37,7 +37,7 @@ from train.frozen import freeze_prefix
 from train.metric_log import METRICS_CSV, MetricLog, mean_across_ranks
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
-from train.settings import SettingsError, TrainSettings, from_config
+from train.settings import SettingsError, TrainSettings, from_config, with_absolute_paths
 from train.student import build_student
 
 STATE_FILE = "state.pt"
@@ -310,6 +310,7 @@ def run_training(config: dict[str, Any], address: str | None = None) -> dict[str
 
     from train.export import export_model
 
+    config = with_absolute_paths(config)
     settings = from_config(config)
     storage = StorageOptions.from_config(config["storage"])
     started = time.perf_counter()
