@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import increment
+from pipelines.increment_search import part_slices
 from pipelines.nightly import run_nightly
+from pipelines.run_frame import ModelIdentity, Settings, model_identity, open_version
 from rdcd import drift, live_index
 from rdcd import index as ix
 from rdcd.config import load_config
@@ -59,13 +60,13 @@ def tiny_card(folder: Path) -> str:
     return str(folder)
 
 
-def load_history(config: dict, model: increment.ModelIdentity, vectors: np.ndarray) -> None:
+def load_history(config: dict, model: ModelIdentity, vectors: np.ndarray) -> None:
     """A version holding `vectors` as one run, indexed like a nightly rebuild would."""
     storage = StorageOptions()
     history = History(config["nightly"]["history"], storage)
     threshold = float(config["match"]["threshold"])
-    settings = increment.Settings.from_config(config, threshold)
-    version = increment.open_version(history, model, settings, "nightly")
+    settings = Settings.from_config(config, threshold)
+    version = open_version(history, model, settings, "nightly")
     n = len(vectors)
     run_id = "bulk-load"
     ids = pa.table(
@@ -85,7 +86,7 @@ def load_history(config: dict, model: increment.ModelIdentity, vectors: np.ndarr
     trained = live_index.train_generation(version.url, 0, params, sample, storage)
     rows = int(config["index"]["shard_vectors"])
     parts = []
-    for part in increment.part_slices(Span(run_id, 0, n), rows):
+    for part in part_slices(Span(run_id, 0, n), rows):
         chunk = vectors[part.start : part.start + part.count]
         parts.append(
             live_index.add_part(version.url, 0, part.name, chunk, part.start, storage)["part"]
@@ -151,7 +152,7 @@ def main() -> None:
     )
     init_ray(base["ray"])
     card = tiny_card(work / "model")
-    model = increment.model_identity(card, StorageOptions())
+    model = model_identity(card, StorageOptions())
     rows = []
     for big_n in args.history:
         rng = np.random.default_rng(big_n)

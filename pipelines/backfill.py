@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pipelines import increment
 from pipelines.jobs import JobError, module_main
 from pipelines.nightly import prepare, run_id_for, summary_lines
+from pipelines.run_frame import ModelIdentity, Run, Settings, open_version
 from rdcd import live_index
 from rdcd.history import History, HistoryError, parse_date
 
@@ -83,8 +84,8 @@ def run_source(config: dict[str, Any]) -> dict[str, Any]:
             "added to the current version with its own model"
         )
     name = config["backfill"]["name"] or posixpath.basename(source.rstrip("/")) or "source"
-    version = increment.open_version(history, model, settings, "source")
-    run = increment.Run(
+    version = open_version(history, model, settings, "source")
+    run = Run(
         config=config,
         storage=history.storage,
         history=history,
@@ -111,8 +112,8 @@ def replay_run(
     history: History,
     old_url: str,
     target: increment.Version,
-    model: increment.ModelIdentity,
-    settings: increment.Settings,
+    model: ModelIdentity,
+    settings: Settings,
     record,
 ) -> dict[str, Any]:
     """One run of the old ledger, applied to the new version: the same run id, date and
@@ -122,7 +123,7 @@ def replay_run(
             f"run {record.run_id} ingested a descriptors table ({record.input}), not images: "
             "a new model cannot re-embed it; re-run it from its images as a source instead"
         )
-    run = increment.Run(
+    run = Run(
         config=config,
         storage=history.storage,
         history=history,
@@ -150,7 +151,7 @@ def run_model_backfill(config: dict[str, Any]) -> dict[str, Any]:
             "history": config["nightly"]["history"],
         }
     old = history.version(current)
-    target = increment.open_version(history, model, settings, "backfill")
+    target = open_version(history, model, settings, "backfill")
     replayed, images, pairs = 0, 0, 0
     while True:
         old_state = old.state()

@@ -24,197 +24,35 @@ after that stage (the kill-and-resume tests use it; it is a real crash, nothing 
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import posixpath
-import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import ray
 from tqdm import tqdm
 
-import rdcd
+from pipelines.increment_search import stage_index, stage_pairs
 from pipelines.jobs import JobError
-from rdcd import drift, group_updates, live_index, match, runlog
-from rdcd import index as ix
-from rdcd import storage as st
-from rdcd.groups import check_policy
-from rdcd.history import (
-    History,
-    HistoryError,
-    RunRecord,
-    State,
-    Version,
-    check_model,
-    check_table_model,
+from pipelines.run_frame import (
+    STAGES,
+    Run,
+    history_spans,
+    read_parquet,
+    stop_if_asked,
+    write_parquet,
 )
+from rdcd import group_updates, live_index, runlog
+from rdcd import storage as st
+from rdcd.history import HistoryError, RunRecord, State, check_model, check_table_model
 from rdcd.live_index import Span
-from rdcd.runtime import init_ray
 from rdcd.sources import SourceError, SourceOptions, list_inputs
 from rdcd.tables import ERRORS_SCHEMA, PAIRS_SCHEMA, descriptor_matrix, descriptors_schema
 
-STAGES = ("list", "embed", "ingest", "index", "pairs", "groups", "commit", "finalize")
-STOP_ENV = "RDCD_STOP_AFTER"
-STOP_EXIT_CODE = 75
 ERRORS_TABLE_SCHEMA = pa.schema(
     [*ERRORS_SCHEMA, pa.field("run_id", pa.string()), pa.field("model_id", pa.string())]
 )
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    spec: str
-    model_id: str
-    dim: int
-    threshold: float | None = None
-
-
-def model_identity(spec: str, storage: st.StorageOptions) -> ModelIdentity:
-    """model_id and d of a model spec; student cards are read as JSON (no torch import), so
-    resuming a run past its embed stage starts in seconds."""
-    directory = (
-        str(Path(rdcd.__file__).resolve().parent / "assets" / "models" / "default")
-        if spec == "default"
-        else spec
-    )
-    card_url = st.join(directory, "card.json")
-    if not spec.startswith(("sscd", "timm:", "torchscript:")) and st.exists(card_url, storage):
-        card = st.read_json(card_url, storage)
-        whitening = card.get("whitening") or {}
-        dim = whitening.get("dim") if whitening.get("present") else card["architecture"]["dim"]
-        return ModelIdentity(spec, str(card["model_id"]), int(dim), card.get("threshold"))
-    from pipelines.embed import describe_model
-
-    info = describe_model({"card": spec, "device": "cpu", "runtime": "torch"}, storage)
-    return ModelIdentity(spec, info.model_id, info.dim)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a run needs from the config, resolved and checked once."""
-
-    k: int
-    nprobe: int
-    threshold: float
-    query_rows: int
-    exact_duplicates: bool
-    task_cpus: float
-    keep_policy: list[str]
-    file_sizes: str
-    max_index_parts: int
-    group_buckets: int
-    bounds: drift.DriftBounds
-    usd_per_hour: float
-    hardware: str
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], threshold: float) -> Settings:
-        night, m, g = config["nightly"], config["match"], config["groups"]
-        if m["background"]:
-            raise JobError(
-                "match.background (score normalisation) is not supported by incremental runs: "
-                "a night's new images would need the background offsets of the whole history"
-            )
-        if g["file_sizes"] not in ("stat", "off"):
-            raise JobError(f"groups.file_sizes must be stat or off, got {g['file_sizes']!r}")
-        for key in ("max_index_parts", "group_buckets"):
-            if int(night[key]) < 1:
-                raise JobError(f"nightly.{key} must be >= 1, got {night[key]}")
-        return cls(
-            k=int(m["k"]),
-            nprobe=int(m["nprobe"]),
-            threshold=float(threshold),
-            query_rows=int(m["query_rows"]),
-            exact_duplicates=bool(m["exact_duplicates"]),
-            task_cpus=float(night["task_cpus"]),
-            keep_policy=check_policy(g["keep_policy"]),
-            file_sizes=str(g["file_sizes"]),
-            max_index_parts=int(night["max_index_parts"]),
-            group_buckets=int(night["group_buckets"]),
-            bounds=drift.DriftBounds.from_config(night["drift"]),
-            usd_per_hour=float(night["cost"]["usd_per_hour"]),
-            hardware=str(night["cost"]["hardware"]),
-        )
-
-    def recorded(self) -> dict[str, Any]:
-        """The settings that must stay fixed for the life of a version (pairs of every run
-        must mean the same thing)."""
-        return {
-            "threshold": self.threshold,
-            "k": self.k,
-            "exact_duplicates": self.exact_duplicates,
-            "keep_policy": self.keep_policy,
-            "group_buckets": self.group_buckets,
-        }
-
-
-@dataclass
-class Run:
-    """One run of one version: where its stage results live and how to stop after a stage."""
-
-    config: dict[str, Any]
-    storage: st.StorageOptions
-    history: History
-    version: Version
-    model: ModelIdentity
-    settings: Settings
-    run_id: str
-    kind: str
-    date: str
-    input_url: str
-    ids_url: str | None = None
-    """Parquet/CSV of exactly the image ids to admit (a backfill replaying a run)."""
-
-    def work(self, *parts: str) -> str:
-        return self.version.sub("work", self.run_id, *parts)
-
-    def done(self, stage: str) -> dict[str, Any] | None:
-        url = self.work("_stages", f"{stage}.json")
-        return st.read_json(url, self.storage) if st.exists(url, self.storage) else None
-
-    def finish(self, stage: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
-        payload = {"stage": stage, "seconds": round(seconds, 3), **result}
-        st.write_json_atomic(self.work("_stages", f"{stage}.json"), payload, self.storage)
-        stop_if_asked(stage)
-        return payload
-
-    def stage(self, name: str, body) -> dict[str, Any]:
-        """body()'s result, recorded with its seconds; a finished stage's recorded result."""
-        result = self.done(name)
-        if result is None:
-            started = time.perf_counter()
-            result = self.finish(name, body(), time.perf_counter() - started)
-        return result
-
-
-def stop_if_asked(stage: str) -> None:
-    """Fault injection for the kill-and-resume tests: die without any cleanup."""
-    if os.environ.get(STOP_ENV) == stage:
-        print(f"{STOP_ENV}={stage}: stopping hard", flush=True)
-        os._exit(STOP_EXIT_CODE)
-
-
-def open_version(history: History, model: ModelIdentity, settings: Settings, kind: str) -> Version:
-    """The model's version, created on first use; its fixed settings must not have changed."""
-    version = history.version(model.model_id)
-    info = version.create(model.dim, kind, {"card": model.spec, **settings.recorded()})
-    recorded = {k: info["model"].get(k) for k in settings.recorded()}
-    if recorded != settings.recorded():
-        changed = sorted(k for k, v in settings.recorded().items() if recorded.get(k) != v)
-        raise JobError(
-            f"{version.url} was built with {', '.join(f'{k}={recorded[k]}' for k in changed)}; "
-            f"this run asks for {', '.join(f'{k}={settings.recorded()[k]}' for k in changed)}. "
-            "Pairs of one version must mean the same thing: restore the settings, or build a "
-            "new version with `rdcd backfill`"
-        )
-    return version
 
 
 def execute(run: Run) -> dict[str, Any]:
@@ -246,13 +84,6 @@ def _stage(run: Run, bar: tqdm, name: str, body) -> dict[str, Any]:
     result = run.stage(name, body)
     bar.update(1)
     return result
-
-
-# -- list -------------------------------------------------------------------------------------
-
-
-def history_spans(state: State) -> list[Span]:
-    return [Span(r.run_id, r.first_id, r.count) for r in state.runs]
 
 
 KNOWN_COLUMNS = ["image_id", "content_hash", "bytes"]
@@ -305,7 +136,7 @@ def stage_list(run: Run, state: State) -> dict[str, Any]:
             "bytes": pa.array([size for _, size in listing.objects], pa.int64()),
         }
     )
-    _write_parquet(sizes, run.work("list", "sizes.parquet"), run.storage)
+    write_parquet(sizes, run.work("list", "sizes.parquet"), run.storage)
     ids = sizes["image_id"].combine_chunks()
     known = known_ids(run, state, ids)
     where = pc.index_in(known["image_id"], value_set=ids)
@@ -322,12 +153,9 @@ def stage_list(run: Run, state: State) -> dict[str, Any]:
     )
     if len(new) and (len(new) < len(ids) or wanted is not None):
         url = run.work("list", "new_ids.parquet")
-        _write_parquet(pa.table({"image_id": new}), url, run.storage)
+        write_parquet(pa.table({"image_id": new}), url, run.storage)
         result["ids"] = url
     return result
-
-
-# -- embed ------------------------------------------------------------------------------------
 
 
 def embed_url(run: Run) -> str:
@@ -351,9 +179,6 @@ def stage_embed(run: Run, listed: dict[str, Any]) -> dict[str, Any]:
     return {"embedded": True, "summary": summary, "counts": manifest.get("counts", {})}
 
 
-# -- ingest -----------------------------------------------------------------------------------
-
-
 def source_tables(run: Run, listed: dict[str, Any], name: str) -> list[str]:
     """The descriptors or errors files a run ingests: its embed output, or the input itself
     when that is a descriptors table (errors: a sibling errors/ folder, if any)."""
@@ -375,23 +200,12 @@ def _parquet_files(folder: str, storage: st.StorageOptions) -> list[str]:
     return [url for url, _ in list_parquet(folder, storage)]
 
 
-def _read_parquet(url: str, storage: st.StorageOptions, schema: pa.Schema | None = None):
-    with st.get_filesystem(url, storage).open(st.strip_protocol(url), "rb") as handle:
-        return pq.read_table(handle, schema=schema)
-
-
-def _write_parquet(table: pa.Table, url: str, storage: st.StorageOptions) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    st.write_bytes_atomic(url, buffer.getvalue(), storage)
-
-
 def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) -> dict[str, Any]:
     """Decide which embedded rows are new, number them first_id.., and write them out."""
     dim = run.model.dim
     schema = descriptors_schema(dim)
     tables = [
-        _read_parquet(url, run.storage).select(schema.names).cast(schema)
+        read_parquet(url, run.storage).select(schema.names).cast(schema)
         for url in source_tables(run, listed, "descriptors")
     ]
     rows = pa.concat_tables(tables) if tables else schema.empty_table()
@@ -402,7 +216,7 @@ def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) 
         wanted = pa.array(sorted(load_ids(run.ids_url, run.storage)), pa.string())
         rows = rows.filter(pc.is_in(rows["image_id"], value_set=wanted))
     errors = [
-        _read_parquet(url, run.storage).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+        read_parquet(url, run.storage).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
         for url in source_tables(run, listed, "errors")
     ]
     known = known_ids(run, state, rows["image_id"].combine_chunks())
@@ -449,12 +263,12 @@ def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) 
         },
         schema=ERRORS_TABLE_SCHEMA,
     ).sort_by("image_id")
-    _write_parquet(admitted, run.work("ingest", "descriptors.parquet"), run.storage)
-    _write_parquet(error_table, run.work("ingest", "errors.parquet"), run.storage)
+    write_parquet(admitted, run.work("ingest", "descriptors.parquet"), run.storage)
+    write_parquet(error_table, run.work("ingest", "errors.parquet"), run.storage)
     if count:
         sizes = pa.nulls(count, pa.int64())
         if listed["layout"] == "files":
-            listed_sizes = _read_parquet(run.work("list", "sizes.parquet"), run.storage)
+            listed_sizes = read_parquet(run.work("list", "sizes.parquet"), run.storage)
             where = pc.index_in(admitted["image_id"], value_set=listed_sizes["image_id"])
             sizes = pc.take(listed_sizes["bytes"], where)
         ids = pa.table(
@@ -483,298 +297,6 @@ def stage_ingest(run: Run, state: State, listed: dict[str, Any], first_id: int) 
     }
 
 
-# -- index ------------------------------------------------------------------------------------
-
-
-@ray.remote
-def train_task(
-    version_url: str,
-    generation: int,
-    params: dict,
-    spans: list[dict],
-    sample: np.ndarray,
-    dim: int,
-    storage,
-) -> dict[str, Any]:
-    """Fit generation's quantizer once, on the sampled rows (one task: a GPU when present)."""
-    store = live_index.open_store(version_url, [Span(**s) for s in spans], dim, storage)
-    params = ix.IndexParams(**{k: v for k, v in params.items() if k != "bytes_per_vector"})
-    trained = live_index.train_generation(
-        version_url, generation, params, store.gather(sample), storage, ix.gpu_available()
-    )
-    return {**trained, "node_id": ray.get_runtime_context().get_node_id()}
-
-
-@ray.remote
-def add_part_task(
-    version_url: str, generation: int, part: dict, run_span: dict, dim: int, storage
-) -> dict[str, Any]:
-    """Rows part.start .. part.start + part.count - 1 (of one run) into one index part."""
-    store = live_index.open_store(version_url, [Span(**run_span)], dim, storage)
-    vectors = store.rows(part["start"], part["start"] + part["count"])
-    result = live_index.add_part(
-        version_url, generation, part["name"], vectors, part["start"], storage
-    )
-    return {**result, "node_id": ray.get_runtime_context().get_node_id()}
-
-
-def task_options(run: Run, gpu: bool = False) -> dict[str, Any]:
-    """Resources of the add/train/search tasks: spread over the nodes (the cluster's whole
-    CPU and page cache work for the night), and training gets a GPU when the cluster has one.
-
-    Ray is joined here, on first use, so resuming a run past its Ray stages (or re-running a
-    finished one) never needs the cluster."""
-    from pipelines.index import use_gpu
-
-    init_ray(run.config["ray"])
-    options: dict[str, Any] = {"num_cpus": run.settings.task_cpus, "scheduling_strategy": "SPREAD"}
-    if gpu and use_gpu(run.config["index"]):
-        options["num_gpus"] = 1
-    return options
-
-
-def part_slices(span: Span, rows: int) -> list[Span]:
-    """A run's rows cut into parts of at most index.shard_vectors (one add task each)."""
-    end = span.start + span.count
-    return [
-        Span(f"{span.name}-p{i:05d}", lo, min(rows, end - lo))
-        for i, lo in enumerate(range(span.start, end, rows))
-    ]
-
-
-def add_parts(run: Run, generation: int, spans: list[Span]) -> list[dict[str, Any]]:
-    rows = int(run.config["index"]["shard_vectors"])
-    refs = [
-        add_part_task.options(**task_options(run)).remote(
-            run.version.url, generation, vars(part), vars(span), run.model.dim, run.storage
-        )
-        for span in spans
-        if span.count
-        for part in part_slices(span, rows)
-    ]
-    return _wait(refs, "index: add parts")
-
-
-def stage_index(run: Run, state: State, ingested: dict[str, Any]) -> dict[str, Any]:
-    """Add the run's vectors with the trained quantizer, or train a new generation when the
-    history outgrew an exact index, the quantizer drifted, or there is none yet."""
-    count = int(ingested["count"])
-    new = [Span(run.run_id, int(ingested["first_id"]), count)] if count else []
-    spans = history_spans(state) + new
-    total = sum(s.count for s in spans)
-    current = dict(state.index)
-    if total == 0:
-        return {"index": current, "drift": {"retrained": False, "reason": "empty history"}}
-    params = ix.choose_params(total, run.model.dim, run.config["index"])
-    kind = "ivf" if params.is_ivf else "flat"
-    if not current or current.get("kind") != kind:
-        reason = (
-            "first index" if not current else f"{current['kind']} -> {kind} at {total:,} images"
-        )
-        return rebuild(run, spans, params, int(current.get("generation", -1)) + 1, reason)
-    if kind == "flat" or count == 0:
-        return {"index": current, "drift": {"retrained": False}}
-    generation = int(current["generation"])
-    added = add_parts(run, generation, new)
-    parts = [*current["parts"], *(a["part"] for a in added)]
-    sizes = live_index.total_sizes(run.version.url, generation, parts, run.storage)
-    residual = sum(a["residual"] * a["part"]["count"] for a in added) / count
-    report = drift.assess(current["baseline"], residual, sizes, total, run.settings.bounds)
-    if report["retrain"]:
-        rebuilt = rebuild(run, spans, params, generation + 1, "; ".join(report["reasons"]))
-        rebuilt["drift"]["measured"] = report
-        return rebuilt
-    current["parts"] = compact_if_needed(run, generation, parts)
-    return {
-        "index": current,
-        "drift": {"retrained": False, **report},
-        "placement": {"index": sorted({a["node_id"] for a in added})},
-    }
-
-
-def rebuild(
-    run: Run, spans: list[Span], params: ix.IndexParams, generation: int, reason: str
-) -> dict[str, Any]:
-    """A new generation: train once on a sample of every vector, then add every run in
-    parallel parts."""
-    if not params.is_ivf:
-        index = {"generation": generation, "kind": "flat", "factory": "Flat", "parts": []}
-        return {"index": index, "drift": {"retrained": True, "reason": reason}}
-    total = sum(s.count for s in spans)
-    sample = ix.sample_ids(total, params.train_size, int(run.config["index"]["seed"]))
-    trained = ray.get(
-        train_task.options(**task_options(run, gpu=True)).remote(
-            run.version.url, generation, params.to_dict(), [vars(s) for s in spans], sample,
-            run.model.dim, run.storage,
-        )
-    )  # fmt: skip
-    added = add_parts(run, generation, spans)
-    parts = [a["part"] for a in added]
-    sizes = live_index.total_sizes(run.version.url, generation, parts, run.storage)
-    index = {
-        "generation": generation,
-        "kind": "ivf",
-        "factory": params.factory,
-        "nlist": params.nlist,
-        "params": params.to_dict(),
-        "baseline": drift.baseline(trained["residual"], sizes, total),
-        "parts": compact_if_needed(run, generation, parts),
-    }
-    return {
-        "index": index,
-        "drift": {"retrained": True, "reason": reason, "imbalance": drift.imbalance(sizes)},
-        "placement": {"index": sorted({a["node_id"] for a in added} | {trained["node_id"]})},
-    }
-
-
-def compact_if_needed(run: Run, generation: int, parts: list[dict[str, Any]]) -> list[dict]:
-    if len(parts) <= run.settings.max_index_parts:
-        return parts
-    merged = live_index.compact(
-        run.version.url, generation, parts, f"compact-{run.run_id}", run.storage
-    )
-    return [merged]
-
-
-def _wait(refs: list, desc: str) -> list:
-    results = {}
-    pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task", leave=False) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                results[ref] = ray.get(ref)
-                bar.update(1)
-    return [results[ref] for ref in refs]
-
-
-# -- pairs ------------------------------------------------------------------------------------
-
-
-@ray.remote
-def search_task(
-    version_url: str,
-    index_state: dict,
-    spans: list[dict],
-    lo: int,
-    hi: int,
-    k: int,
-    nprobe: int,
-    threshold: float,
-    dim: int,
-    storage,
-) -> dict[str, Any]:
-    """Pairs of query rows [lo, hi) with everything indexed: k+1 candidates (the query finds
-    itself), exact cosine from the fp16 vectors, threshold."""
-    store = live_index.open_store(version_url, [Span(**s) for s in spans], dim, storage)
-    queries = store.rows(lo, hi)
-    if index_state.get("kind") == "ivf":
-        candidates = live_index.SearchView(version_url, index_state, nprobe, storage).search(
-            queries, k + 1
-        )
-    else:
-        candidates = live_index.exact_search(store, queries, k + 1)
-    scores = match.exact_scores(queries, candidates, store)
-    rows = np.arange(lo, hi, dtype=np.int64)
-    a, b, s = match.canonical_pairs(rows, candidates, scores, scores >= threshold)
-    return {"a": a, "b": b, "s": s, "node_id": ray.get_runtime_context().get_node_id()}
-
-
-def stage_pairs(
-    run: Run, state: State, ingested: dict[str, Any], indexed: dict[str, Any]
-) -> dict[str, Any]:
-    count, first_id = int(ingested["count"]), int(ingested["first_id"])
-    url = run.work("pairs", "pairs.parquet")
-    if count == 0:
-        _write_parquet(_pairs_with_rows(PAIRS_SCHEMA.empty_table()), url, run.storage)
-        return {"pairs": 0, "exact_pairs": 0, "url": url}
-    spans = history_spans(state) + [Span(run.run_id, first_id, count)]
-    settings = run.settings
-    refs = [
-        search_task.options(**task_options(run)).remote(
-            run.version.url,
-            indexed["index"],
-            [vars(s) for s in spans],
-            lo,
-            min(lo + settings.query_rows, first_id + count),
-            settings.k,
-            settings.nprobe,
-            settings.threshold,
-            run.model.dim,
-            run.storage,
-        )
-        for lo in range(first_id, first_id + count, settings.query_rows)
-    ]
-    found = _wait(refs, "pairs: kNN + exact re-score")
-    a = np.concatenate([f["a"] for f in found])
-    b = np.concatenate([f["b"] for f in found])
-    s = np.concatenate([f["s"] for f in found]).astype(np.float32)
-    exact = np.zeros(len(a), dtype=bool)
-    if settings.exact_duplicates:
-        ea, eb, es = new_exact_pairs(run, spans, first_id, count)
-        a, b, s = np.concatenate([a, ea]), np.concatenate([b, eb]), np.concatenate([s, es])
-        exact = np.concatenate([exact, np.ones(len(ea), dtype=bool)])
-    a, b, s, exact = match.unique_pairs(a, b, s, exact)
-    rows = np.concatenate([a, b])
-    ids = live_index.lookup_rows(
-        run.version.url, spans, rows, run.storage, ["image_id", "content_hash"]
-    )
-    ia, ib = ids["image_id"].slice(0, len(a)), ids["image_id"].slice(len(a))
-    if settings.exact_duplicates:
-        ha, hb = ids["content_hash"].slice(0, len(a)), ids["content_hash"].slice(len(a))
-        same = pc.fill_null(pc.equal(ha, hb), False).to_numpy(zero_copy_only=False)
-        exact = exact | same
-    swap = pc.greater(ia, ib)
-    table = pa.table(
-        {
-            "image_id_a": pc.if_else(swap, ib, ia),
-            "image_id_b": pc.if_else(swap, ia, ib),
-            "score": pa.array(s, pa.float32()),
-            "exact": pa.array(exact, pa.bool_()),
-            "run_id": pa.array([run.run_id] * len(a), pa.string()),
-            "model_id": pa.array([run.model.model_id] * len(a), pa.string()),
-            "row_a": pc.if_else(swap, pa.array(b), pa.array(a)),
-            "row_b": pc.if_else(swap, pa.array(a), pa.array(b)),
-        }
-    ).sort_by([("image_id_a", "ascending"), ("image_id_b", "ascending")])
-    _write_parquet(table, url, run.storage)
-    return {
-        "pairs": table.num_rows,
-        "exact_pairs": int(exact.sum()),
-        "url": url,
-        "placement": {"pairs": sorted({f["node_id"] for f in found})},
-    }
-
-
-def _pairs_with_rows(table: pa.Table) -> pa.Table:
-    return table.append_column("row_a", pa.array([], pa.int64())).append_column(
-        "row_b", pa.array([], pa.int64())
-    )
-
-
-def new_exact_pairs(
-    run: Run, spans: list[Span], first_id: int, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte-identical copies among the new images, paired without the index (a copy of a
-    history image is the history image's nearest neighbour, found by the kNN search and
-    flagged exact by its content hash)."""
-    new = live_index.read_ids(run.version.url, [spans[-1]], run.storage, ["content_hash"])
-    hashes = new["content_hash"]
-    valid = pc.is_valid(hashes).to_numpy(zero_copy_only=False)
-    rows = np.arange(first_id, first_id + count, dtype=np.int64)[valid]
-    if len(rows) < 2:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    keys = match.hash_keys(pc.drop_null(hashes))
-    a, b = match.exact_duplicate_pairs(keys, rows)
-    store = live_index.open_store(run.version.url, spans, run.model.dim, run.storage)
-    scores = np.einsum("ij,ij->i", store.gather(a), store.gather(b)).astype(np.float32)
-    return np.minimum(a, b), np.maximum(a, b), scores
-
-
-# -- groups -----------------------------------------------------------------------------------
-
-
 def groups_url(run: Run) -> str:
     return run.version.sub("groups")
 
@@ -782,7 +304,7 @@ def groups_url(run: Run) -> str:
 def stage_groups(
     run: Run, state: State, ingested: dict[str, Any], paired: dict[str, Any]
 ) -> dict[str, Any]:
-    pairs = _read_parquet(paired["url"], run.storage)
+    pairs = read_parquet(paired["url"], run.storage)
     settings = run.settings
     ends = pa.concat_arrays(
         [pairs["image_id_a"].combine_chunks(), pairs["image_id_b"].combine_chunks()]
@@ -820,13 +342,10 @@ def stage_groups(
         run.model.model_id,
         run.run_id,
     )
-    _write_parquet(old, run.work("groups", "old.parquet"), run.storage)
-    _write_parquet(rows, run.work("groups", "rows.parquet"), run.storage)
-    _write_parquet(changes, run.work("groups", "changes.parquet"), run.storage)
+    write_parquet(old, run.work("groups", "old.parquet"), run.storage)
+    write_parquet(rows, run.work("groups", "rows.parquet"), run.storage)
+    write_parquet(changes, run.work("groups", "changes.parquet"), run.storage)
     return counts
-
-
-# -- commit -----------------------------------------------------------------------------------
 
 
 def publish_copy(source: str, target: str, storage: st.StorageOptions) -> None:
@@ -855,8 +374,8 @@ def stage_commit(
         st.join(version.table("errors", run.date), name),
         run.storage,
     )
-    pairs = _read_parquet(paired["url"], run.storage).drop_columns(["row_a", "row_b"])
-    _write_parquet(
+    pairs = read_parquet(paired["url"], run.storage).drop_columns(["row_a", "row_b"])
+    write_parquet(
         pairs.cast(PAIRS_SCHEMA), st.join(version.table("pairs", run.date), name), run.storage
     )
     publish_copy(
@@ -865,8 +384,8 @@ def stage_commit(
         run.storage,
     )
     stop_if_asked("commit:tables")
-    old = _read_parquet(run.work("groups", "old.parquet"), run.storage)
-    rows = _read_parquet(run.work("groups", "rows.parquet"), run.storage)
+    old = read_parquet(run.work("groups", "old.parquet"), run.storage)
+    rows = read_parquet(run.work("groups", "rows.parquet"), run.storage)
     buckets = group_updates.apply(
         groups_url(run), old, rows, run.settings.group_buckets, run.storage
     )
@@ -890,9 +409,6 @@ def stage_commit(
         state.pending = None
         version.save_state(state)
     return {"buckets_rewritten": buckets}
-
-
-# -- finalize ---------------------------------------------------------------------------------
 
 
 def finalize(run: Run) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipelines import increment
 from pipelines.jobs import JobError, module_main
+from pipelines.run_frame import ModelIdentity, Run, Settings, model_identity, open_version
 from rdcd import storage as st
 from rdcd.history import History, HistoryError, parse_date
 
@@ -58,14 +59,14 @@ def run_id_for(kind: str, label: str) -> str:
 
 def prepare(
     config: dict[str, Any], kind: str, model_spec: str | None = None
-) -> tuple[History, increment.ModelIdentity, increment.Settings]:
+) -> tuple[History, ModelIdentity, Settings]:
     """History, model identity and settings for a run; clear errors for missing settings."""
     storage = st.StorageOptions.from_config(config["storage"])
     history_url = config["nightly"]["history"]
     if not history_url:
         raise JobError("nightly.history is not set: the URL where the history lives")
     spec = str(model_spec or config["model"]["card"])
-    model = increment.model_identity(spec, storage)
+    model = model_identity(spec, storage)
     config["model"]["card"] = spec
     threshold = config["match"]["threshold"]
     if threshold is None:
@@ -75,7 +76,7 @@ def prepare(
             f"match.threshold is not set and model card {spec!r} recommends none; set one"
         )
     try:
-        settings = increment.Settings.from_config(config, threshold)
+        settings = Settings.from_config(config, threshold)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     return History(history_url, storage), model, settings
@@ -98,8 +99,8 @@ def run_nightly(config: dict[str, Any]) -> dict[str, Any]:
             "nightly runs append to the current version. Use its model card, or build and "
             "switch to the new model with `rdcd backfill`"
         )
-    version = increment.open_version(history, model, settings, "nightly")
-    run = increment.Run(
+    version = open_version(history, model, settings, "nightly")
+    run = Run(
         config=config,
         storage=history.storage,
         history=history,

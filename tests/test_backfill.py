@@ -16,9 +16,9 @@ from nightly_data import NIGHTS, config_for, model_card, night_images, write_nig
 
 from pipelines.backfill import run_model_backfill, run_source
 from pipelines.dedup import run_dedup
-from pipelines.increment import model_identity
 from pipelines.jobs import JobError
 from pipelines.nightly import run_nightly
+from pipelines.run_frame import model_identity
 from rdcd.history import History
 from rdcd.storage import StorageOptions
 

@@ -24,7 +24,7 @@ from nightly_data import (
     write_nights,
 )
 
-from pipelines import increment
+from pipelines import run_frame
 from pipelines.dedup import run_dedup
 from pipelines.jobs import JobError
 from pipelines.nightly import run_nightly
@@ -208,11 +208,11 @@ def test_killed_in_every_stage_resumes_to_the_same_result(world, tmp_path, ray_s
         sys.executable, "-m", "pipelines.nightly", "--config", str(config_file),
         "--date", NIGHTS[1], "--address", address,
     ]  # fmt: skip
-    stops = [*increment.STAGES[:-2], "commit:tables", "commit:groups", "commit"]
+    stops = [*run_frame.STAGES[:-2], "commit:tables", "commit:groups", "commit"]
     for stop in stops:
-        env = {**os.environ, increment.STOP_ENV: stop}
+        env = {**os.environ, run_frame.STOP_ENV: stop}
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        assert done.returncode == increment.STOP_EXIT_CODE, (stop, done.stderr[-2000:])
+        assert done.returncode == run_frame.STOP_EXIT_CODE, (stop, done.stderr[-2000:])
     state = History(str(history), StorageOptions()).version(world["rows"][0]["model_id"]).state()
     assert state.run(f"nightly-{NIGHTS[1]}") is not None  # the ledger committed before the stop
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
