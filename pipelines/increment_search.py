@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines.run_frame import Run, history_spans, wait_all, write_parquet
+from pipelines.run_frame import Run, history_spans, write_parquet
+from pipelines.stage import wait_for
 from rdcd import drift, live_index, match
 from rdcd import index as ix
 from rdcd.history import State
@@ -94,7 +95,7 @@ def add_parts(run: Run, generation: int, spans: list[Span]) -> list[dict[str, An
         if span.count
         for part in part_slices(span, rows)
     ]
-    return wait_all(refs, "index: add parts")
+    return wait_for(refs, "index: add parts")
 
 
 def stage_index(run: Run, state: State, ingested: dict[str, Any]) -> dict[str, Any]:
@@ -144,12 +145,11 @@ def rebuild(
         return {"index": index, "drift": {"retrained": True, "reason": reason}}
     total = sum(s.count for s in spans)
     sample = ix.sample_ids(total, params.train_size, int(run.config["index"]["seed"]))
-    trained = ray.get(
-        train_task.options(**task_options(run, gpu=True)).remote(
-            run.version.url, generation, params.to_dict(), [vars(s) for s in spans], sample,
-            run.model.dim, run.storage,
-        )
+    ref = train_task.options(**task_options(run, gpu=True)).remote(
+        run.version.url, generation, params.to_dict(), [vars(s) for s in spans], sample,
+        run.model.dim, run.storage,
     )  # fmt: skip
+    (trained,) = wait_for([ref], "index: train")
     added = add_parts(run, generation, spans)
     parts = [a["part"] for a in added]
     sizes = live_index.total_sizes(run.version.url, generation, parts, run.storage)
@@ -232,7 +232,7 @@ def stage_pairs(
         )
         for lo in range(first_id, first_id + count, settings.query_rows)
     ]
-    found = wait_all(refs, "pairs: kNN + exact re-score")
+    found = wait_for(refs, "pairs: kNN + exact re-score")
     a = np.concatenate([f["a"] for f in found])
     b = np.concatenate([f["b"] for f in found])
     s = np.concatenate([f["s"] for f in found]).astype(np.float32)

@@ -8,9 +8,9 @@ pairs, updates the groups they touch, and appends the date partitions
     HISTORY/versions/<model_id>/groups/bucket=NNNN/part.parquet     group_changes)
     HISTORY/runs/date=D/<run_id>.parquet                            (the run-summary row)
 
-The stages are in pipelines/increment.py. A date already in the ledger is a no-op; a run
-killed anywhere resumes when re-run. Submit it to a cluster with `ray job submit` (see
-docs/operations.md).
+The stages are in pipelines/increment.py (index and pairs: pipelines/increment_search.py). A
+date already in the ledger is a no-op; a run killed anywhere resumes when re-run. Submit it to
+a cluster with `ray job submit` (see docs/operations.md).
 """
 
 from __future__ import annotations

@@ -17,8 +17,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from tqdm import tqdm
 
 import rdcd
 from pipelines.jobs import JobError
@@ -29,16 +27,14 @@ from rdcd.history import History, State, Version
 from rdcd.live_index import Span
 
 STAGES = ("list", "embed", "ingest", "index", "pairs", "groups", "commit", "finalize")
-
-
 STOP_ENV = "RDCD_STOP_AFTER"
-
-
 STOP_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
+    """Which model a run embeds with: it names the history version the run belongs to."""
+
     spec: str
     model_id: str
     dim: int
@@ -191,23 +187,13 @@ def history_spans(state: State) -> list[Span]:
 
 
 def read_parquet(url: str, storage: st.StorageOptions, schema: pa.Schema | None = None):
+    """One Parquet file of a work or history folder, on any filesystem."""
     with st.get_filesystem(url, storage).open(st.strip_protocol(url), "rb") as handle:
         return pq.read_table(handle, schema=schema)
 
 
 def write_parquet(table: pa.Table, url: str, storage: st.StorageOptions) -> None:
+    """One Parquet file written atomically (readers see all of it or none)."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     st.write_bytes_atomic(url, buffer.getvalue(), storage)
-
-
-def wait_all(refs: list, desc: str) -> list:
-    results = {}
-    pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task", leave=False) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                results[ref] = ray.get(ref)
-                bar.update(1)
-    return [results[ref] for ref in refs]

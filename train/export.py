@@ -113,27 +113,40 @@ def calibration_scores(
     )
 
 
+def training_record(settings: TrainSettings, steps: int) -> dict[str, Any]:
+    """How the model was trained, as the card keeps it (paths as the user gave them)."""
+    return {
+        "objective": settings.objective,
+        "teacher": settings.teacher if settings.needs_teacher() else None,
+        "data": settings.input,
+        "excluded": settings.exclude,
+        "init_from": settings.student.init_from,
+        "frozen_blocks": settings.student.frozen_blocks,
+        "steps": int(steps),
+        "global_batch": settings.global_batch,
+        "base_lr": settings.optim.base_lr,
+        "train_size": settings.student_size,
+        "cached_views": settings.data.cache_views if settings.data.cache else None,
+        "loss": settings.loss,
+    }
+
+
 def export_model(
     settings: TrainSettings,
     config: dict[str, Any],
     state: dict[str, Any],
     storage: StorageOptions,
+    described: TrainSettings | None = None,
 ) -> cards.ModelCard:
-    """Write <output>/model (card + fp16 safetensors); whiten and calibrate when configured."""
+    """Write <output>/model (card + fp16 safetensors); whiten and calibrate when configured.
+
+    described: the settings as the user wrote them (relative paths), for the card's record.
+    """
     model = student_from_state(settings, state)
     mean, std = model_mean_std(settings.student.backbone)
     export = settings.export
-    training = {
-        "recipe": "rdcd distillation" if settings.objective == "rdcd" else "sscd (no teacher)",
-        "objective": settings.objective,
-        "teacher": settings.teacher if settings.needs_teacher() else None,
-        "data": settings.input,
-        "excluded": settings.exclude,
-        "steps": int(state["step"]),
-        "global_batch": settings.global_batch,
-        "train_size": settings.student_size,
-        "loss": settings.loss,
-    }
+    shown = described or settings
+    training = training_record(shown, state["step"])
     card = cards.card_for(model, export.input_size, export.resize, mean, std, training=training)
     model_dir = join(settings.output, "model")
     card = cards.save_model(model, card, model_dir, storage)
@@ -144,7 +157,10 @@ def export_model(
         )
         white_mean, white_matrix = learn_whitening(descriptors)
         model.set_whitening(torch.from_numpy(white_mean), torch.from_numpy(white_matrix))
-        card.training["whitening"] = {"background": export.background, "images": len(descriptors)}
+        card.training["whitening"] = {
+            "background": shown.export.background,
+            "images": len(descriptors),
+        }
         card = cards.save_model(model, card, model_dir, storage)
     if export.calibration:
         scores, labels, positives = calibration_scores(
@@ -153,7 +169,7 @@ def export_model(
         result = metrics.calibrate_threshold(
             scores, labels, export.target_precision, n_positives=positives
         )
-        card.training["calibration"] = {"set": export.calibration, **result.to_dict()}
+        card.training["calibration"] = {"set": shown.export.calibration, **result.to_dict()}
         cards.write_card(model_dir, card, storage)
         card = cards.with_threshold(model_dir, result.threshold, storage)
     return card

@@ -310,6 +310,7 @@ def run_training(config: dict[str, Any], address: str | None = None) -> dict[str
 
     from train.export import export_model
 
+    described = from_config(config)
     config = with_absolute_paths(config)
     settings = from_config(config)
     storage = StorageOptions.from_config(config["storage"])
@@ -348,7 +349,7 @@ def run_training(config: dict[str, Any], address: str | None = None) -> dict[str
         state = torch.load(
             os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True
         )
-    card = export_model(settings, config, state, storage)
+    card = export_model(settings, config, state, storage, described)
     summary = {
         "objective": settings.objective,
         "teacher": settings.teacher if settings.needs_teacher() else "none",
