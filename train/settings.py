@@ -95,6 +95,7 @@ class TrainSettings:
     log_every: int = 10
     checkpoint_every: int = 500
     checkpoints_kept: int = 2
+    max_failures: int = 2
     student: StudentSettings = field(default_factory=StudentSettings)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     loss: dict[str, Any] = field(default_factory=dict)
@@ -167,6 +168,7 @@ def from_config(config: dict[str, Any]) -> TrainSettings:
             log_every=int(section["log_every"]),
             checkpoint_every=int(section["checkpoint_every"]),
             checkpoints_kept=int(section["checkpoints_kept"]),
+            max_failures=int(section["max_failures"]),
             student=StudentSettings(**section["student"]),
             augment=AugmentSettings(size=int(section["augment"]["size"])),
             loss=dict(section["loss"]),

@@ -338,7 +338,7 @@ def run_training(config: dict[str, Any], address: str | None = None) -> dict[str
             storage_path=output_path,
             storage_filesystem=output_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=settings.checkpoints_kept),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
         ),
         datasets={"train": dataset},
     )
