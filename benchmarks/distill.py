@@ -11,8 +11,8 @@ top-10 references per query by inner product (METHOD.md §4.3), then µAP, recal
 as ISC2021 scores them (rdcd.metrics). With --background, also µAP_SN: each query's score
 minus the mean of its top-3 background similarities (METHOD.md §4.4). images/s is the
 embedding throughput on the benchmark's own pixels (decoding excluded), measured in this run
-on this machine: compare the ratios, not the absolute numbers. docs/training.md says how the
-models were made.
+on this machine: compare the ratios, not the absolute numbers. The README section
+"Training a model" says how the models were made.
 """
 
 from __future__ import annotations

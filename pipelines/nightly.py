@@ -10,7 +10,7 @@ pairs, updates the groups they touch, and appends the date partitions
 
 The stages are in pipelines/increment.py (index and pairs: pipelines/increment_search.py). A
 date already in the ledger is a no-op; a run killed anywhere resumes when re-run. Submit it to
-a cluster with `ray job submit` (see docs/operations.md).
+a cluster with `ray job submit` (see README, "Operations").
 """
 
 from __future__ import annotations

@@ -132,7 +132,9 @@ def read_json(url: str, options: StorageOptions | None = None) -> dict[str, Any]
 
 
 def write_json_atomic(url: str, payload: dict[str, Any], options: StorageOptions | None = None):
-    write_bytes_atomic(url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode(), options)
+    write_bytes_atomic(
+        url, json.dumps(payload, indent=2, sort_keys=True, default=str).encode(), options
+    )
 
 
 def read_manifest(directory: str, options: StorageOptions | None = None) -> dict[str, Any] | None:

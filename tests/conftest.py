@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "0")
 
 import pytest  # noqa: E402
-
 from s3server import S3Server, start_s3_server  # noqa: E402
 
 
@@ -18,8 +17,10 @@ from s3server import S3Server, start_s3_server  # noqa: E402
 def s3_server(tmp_path_factory) -> S3Server:
     """A real S3 endpoint on 127.0.0.1; AWS_* variables point every client at it."""
     server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                            "AWS_SECRET_ACCESS_KEY")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
     os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
     os.environ["AWS_ACCESS_KEY_ID"] = server.key
     os.environ["AWS_SECRET_ACCESS_KEY"] = server.secret

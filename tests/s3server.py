@@ -10,10 +10,9 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import urllib.request
 
 ACCESS_KEY = "rdcd-test-key"
 SECRET_KEY = "rdcd-test-secret-0123456789"
