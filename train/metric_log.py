@@ -61,7 +61,9 @@ class MetricLog:
         return row
 
     def publish(self) -> None:
-        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        leading = ["step", "epoch", "lr", "images_per_s", "loss"]
+        seen = dict.fromkeys(key for row in self.rows for key in row)
+        fields = [key for key in leading if key in seen] + sorted(set(seen) - set(leading))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
