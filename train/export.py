@@ -121,6 +121,11 @@ def training_record(settings: TrainSettings, steps: int) -> dict[str, Any]:
         "data": settings.input,
         "excluded": settings.exclude,
         "init_from": settings.student.init_from,
+        "init_model_id": (
+            cards.read_card(settings.student.init_from).model_id
+            if settings.student.init_from
+            else None
+        ),
         "frozen_blocks": settings.student.frozen_blocks,
         "steps": int(steps),
         "global_batch": settings.global_batch,
