@@ -1,12 +1,13 @@
 """Embedding throughput: the Ray Data pipeline against a plain loop, student against teacher.
 
-    .venv/bin/python benchmarks/embed.py FOLDER [--images 1200] [--model default]
+    .venv/bin/python benchmarks/embed.py FOLDER [--images 1200] [--model default] [--int8 DIR]
 
 From one run on the same images it prints:
 - pipeline images/s (`python -m pipelines.embed`, its own embedded Ray, as a user runs it) vs a
   plain single-process loop (read, decode, embed in batches) with the same model and threads:
   the pipeline overhead ratio (target >= 0.8);
-- student vs SSCD teacher model throughput at the student's input size (target >= 4x);
+- student vs SSCD teacher model throughput at the student's input size (target >= 4x), and
+  with --int8 (an `rdcd quantize` copy of the student) the int8 student too;
 - peak RSS of the pipeline's driver and of its decode, model and write workers.
 The folder's images are repeated (symlinks) up to --images so start-up does not dominate.
 Timings on a shared machine are noisy: compare the ratios, which come from the same run.
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--images", type=int, default=1200, help="images embedded per run")
     parser.add_argument("--model", default="default", help="student model card")
+    parser.add_argument("--int8", help="an `rdcd quantize` copy of the student to time too")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
@@ -113,6 +115,10 @@ def main() -> None:
         )
         student_rate = model_only(student, pixels, args.batch, repeats=3)
         teacher_rate = model_only(teacher, pixels, args.batch, repeats=1)
+        int8_rate = None
+        if args.int8:
+            int8 = load_embedder(args.int8, device="cpu", threads=args.cpus)
+            int8_rate = model_only(int8, pixels, args.batch, repeats=3)
 
     throughput = run["throughput"]
     steady = throughput["steady_images_per_s"] or throughput["images_per_s"]
@@ -140,6 +146,14 @@ def main() -> None:
         ),
         ("SSCD teacher model-only, img/s", f"{teacher_rate:.1f}", f"@ {student.input_size}px"),
         ("student / teacher", f"{student_rate / teacher_rate:.1f}x", "target >= 4x"),
+    ]
+    if int8_rate:
+        rows += [
+            ("int8 student model-only, img/s", f"{int8_rate:.1f}", f"{int8.model_id}"),
+            ("int8 student / teacher", f"{int8_rate / teacher_rate:.1f}x", ""),
+            ("int8 / fp32 student", f"{int8_rate / student_rate:.2f}x", ""),
+        ]
+    rows += [
         ("peak RSS driver, MB", f"{rss['driver']:.0f}", ""),
         ("peak RSS decode worker, MB", f"{rss.get('decode_worker', 0):.0f}", "read+decode tasks"),
         ("peak RSS model actor, MB", f"{rss.get('embed_worker', 0):.0f}", ""),

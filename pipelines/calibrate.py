@@ -85,9 +85,12 @@ def check_provenance(predictions: str, card: cards.ModelCard, options) -> None:
 
 
 def copy_model(source: str, target: str, options: storage.StorageOptions) -> None:
-    """Copy a model directory (weights first, card last) so the copy can be recalibrated."""
+    """Copy a model directory (weights or int8 graph first, card last) so the copy can be
+    recalibrated."""
     source_dir = cards.resolve_model_dir(source)
-    for name in (cards.WEIGHTS_FILE, cards.CARD_FILE):
+    card = cards.read_card(source_dir, options)
+    weights = card.quantization.file if card.quantization else cards.WEIGHTS_FILE
+    for name in (weights, cards.CARD_FILE):
         url = storage.join(source_dir, name)
         with storage.get_filesystem(url, options).open(storage.strip_protocol(url), "rb") as f:
             storage.write_bytes_atomic(storage.join(target, name), f.read(), options)

@@ -14,6 +14,7 @@ JOB_MODULES: tuple[str, ...] = (
     "pipelines.synth",
     "pipelines.eval",
     "pipelines.calibrate",
+    "pipelines.quantize",
     "pipelines.dedup",
     "pipelines.index",
     "pipelines.search",

@@ -295,6 +295,8 @@ class ModelInfo:
     dim: int
     input_size: int
     resize: str
+    cpu_only: bool = False
+    """An int8 model: its actors run on CPU even on GPU nodes."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -328,7 +330,14 @@ def describe_model(model_config: dict[str, Any], storage: st.StorageOptions) -> 
         card = read_card(spec, storage)
     except (OSError, ValueError, RuntimeError) as exc:
         raise JobError(f"cannot load model {spec!r}: {exc}") from exc
-    return ModelInfo(spec, card.model_id, card.output_dim, card.input.size, card.input.resize)
+    return ModelInfo(
+        spec,
+        card.model_id,
+        card.output_dim,
+        card.input.size,
+        card.input.resize,
+        cpu_only=card.quantization is not None,
+    )
 
 
 class OutputFolder:
@@ -491,7 +500,7 @@ def run_pipeline(
     their last row lands."""
     from ray.data import ActorPoolStrategy
 
-    placement = place_model(settings)
+    placement = place_model(settings, model)
     dataset = read_images(
         listing,
         source_options,
@@ -607,18 +616,22 @@ def _own_progress_bar() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def place_model(settings: EmbedSettings) -> dict[str, Any]:
-    """Actors, devices and resources: one actor per GPU when the cluster has GPUs, else CPU
-    actors with fractional CPU requests (whole-CPU actors starve the read tasks on small
-    machines and the pipeline stalls silently)."""
+def place_model(settings: EmbedSettings, model: ModelInfo) -> dict[str, Any]:
+    """Actors, devices and resources: one actor per GPU when the cluster has GPUs (and the
+    model is not a CPU-only int8 one), else CPU actors with fractional CPU requests (whole-CPU
+    actors starve the read tasks on small machines and the pipeline stalls silently)."""
     import ray
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
     device = settings.device
+    if device == "cuda" and model.cpu_only:
+        raise JobError(f"model.device is 'cuda' but {model.model_id} is an int8 model for CPUs")
     if device == "cuda" and gpus == 0:
         raise JobError("model.device is 'cuda' but the Ray cluster has no GPUs")
+    if model.cpu_only:
+        gpus = 0
     use_gpu = gpus > 0 and device in ("auto", "cuda")
     if use_gpu:
         actors = int(settings.actors or gpus)

@@ -1,9 +1,9 @@
 """Model checkpoints: fp16 safetensors weights + a JSON model card, on any fsspec filesystem.
 
 The model_id is a content hash of what determines the descriptors (weights, architecture,
-input handling, whitening). The recommended threshold and the training summary are outside
-the hash: recalibrating a threshold does not change a single descriptor, so descriptors
-already stored under a model_id stay valid.
+input handling, whitening; for an int8-quantised model, its ONNX graph). The recommended
+threshold and the training summary are outside the hash: recalibrating a threshold does not
+change a single descriptor, so descriptors already stored under a model_id stay valid.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from rdcd.storage import (
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
+INT8_FILE = "model.int8.onnx"
+INT8_FORMAT = "onnx-qdq-int8"
 CARD_FORMAT = "rdcd-model-card/1"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "models" / "default"
 RESIZE_POLICIES = ("square", "short_side")
@@ -84,10 +86,24 @@ class WhiteningInfo:
 
 
 @dataclass
+class QuantizationInfo:
+    """An int8 model: its ONNX graph (file, sha256) replaces the weights; the parent is the fp32
+    model it was quantised from, calibration and check say how and how close it came."""
+
+    parent_model_id: str
+    sha256: str
+    file: str = INT8_FILE
+    format: str = INT8_FORMAT
+    calibration: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModelCard:
     architecture: Architecture
     input: InputSpec
     whitening: WhiteningInfo = field(default_factory=WhiteningInfo)
+    quantization: QuantizationInfo | None = None
     threshold: float | None = None
     training: dict[str, Any] = field(default_factory=dict)
     model_id: str = ""
@@ -111,6 +127,9 @@ class ModelCard:
                 architecture=Architecture(**data["architecture"]),
                 input=InputSpec(**data["input"]),
                 whitening=WhiteningInfo(**data.get("whitening", {})),
+                quantization=(
+                    QuantizationInfo(**data["quantization"]) if data.get("quantization") else None
+                ),
                 threshold=data.get("threshold"),
                 training=dict(data.get("training") or {}),
                 model_id=data.get("model_id", ""),
@@ -174,9 +193,25 @@ def compute_model_id(card: ModelCard, tensors: dict[str, torch.Tensor]) -> str:
         tensor = tensors[name]
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return _model_id(card, digest.hexdigest())
+
+
+def quantized_model_id(card: ModelCard, graph: bytes) -> str:
+    """'rdcd-<backbone>-<dim>-int8-<12 hex>' over the parent's id, input handling and graph."""
+    if card.quantization is None:
+        raise ModelCardError("quantized_model_id needs a card with quantization")
+    digest = hashlib.sha256()
+    hashed = {k: card.to_dict()[k] for k in ("format", "architecture", "input", "whitening")}
+    hashed["parent"] = card.quantization.parent_model_id
+    digest.update(json.dumps(hashed, sort_keys=True).encode())
+    digest.update(graph)
+    return _model_id(card, digest.hexdigest(), kind="int8-")
+
+
+def _model_id(card: ModelCard, hexdigest: str, kind: str = "") -> str:
     backbone = card.architecture.backbone
     short = SHORT_NAMES.get(backbone, re.sub(r"[^a-z0-9]+", "", backbone.lower()))
-    return f"rdcd-{short}-{card.output_dim}-{digest.hexdigest()[:12]}"
+    return f"rdcd-{short}-{card.output_dim}-{kind}{hexdigest[:12]}"
 
 
 def save_model(
@@ -233,6 +268,12 @@ def load_model(
     """Build the network from the card, load and verify the weights; eval mode, fp32, CPU."""
     directory = resolve_model_dir(spec)
     card = read_card(directory, storage)
+    if card.quantization is not None:
+        raise ModelCardError(
+            f"{directory} is an int8 ONNX model ({card.model_id}, quantised from "
+            f"{card.quantization.parent_model_id}): it holds no torch weights; embed with it "
+            "through load_embedder on CPU, or load its parent model"
+        )
     try:
         tensors = load_safetensors(_read_bytes(join(directory, WEIGHTS_FILE), storage))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -254,6 +295,25 @@ def load_model(
             f"architecture ({expected}); the card or {WEIGHTS_FILE} was changed or mixed up"
         )
     return model.eval(), card
+
+
+def read_int8_graph(spec: str, storage: StorageOptions | None = None) -> tuple[bytes, ModelCard]:
+    """The int8 ONNX graph of a quantised model, checked against its card's sha256 and id."""
+    directory = resolve_model_dir(spec)
+    card = read_card(directory, storage)
+    if card.quantization is None:
+        raise ModelCardError(f"{directory}: not an int8 model (its card has no quantization)")
+    if card.quantization.format != INT8_FORMAT:
+        raise ModelCardError(f"{directory}: unknown int8 format {card.quantization.format!r}")
+    graph = _read_bytes(join(directory, card.quantization.file), storage)
+    if hashlib.sha256(graph).hexdigest() != card.quantization.sha256:
+        raise ModelCardError(
+            f"{directory}: {card.quantization.file} does not match the sha256 in its card; "
+            "the graph was changed or truncated"
+        )
+    if quantized_model_id(card, graph) != card.model_id:
+        raise ModelCardError(f"{directory}: card model_id {card.model_id} does not match its graph")
+    return graph, card
 
 
 def _check_tensors(directory: str, model: DescriptorModel, tensors: dict[str, torch.Tensor]):

@@ -3,7 +3,8 @@
 Pipelines, evaluation and training all go through here, so a model directory, the shipped
 default, the SSCD teacher, a TorchScript file or a timm trunk are interchangeable. The runtime
 is chosen for speed: ONNX Runtime on CPU (students exported once per model_id, checked against
-eager torch), torch with autocast + channels_last on CUDA.
+eager torch), torch with autocast + channels_last on CUDA. int8 models (rdcd.quantize) carry
+their own ONNX graph and run on CPU only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdcd.cards import ModelCard, load_model
+from rdcd.cards import ModelCard, load_model, read_card, read_int8_graph
 from rdcd.models import PixelModel, model_mean_std
 from rdcd.storage import StorageOptions
 from rdcd.teachers import (
@@ -82,11 +83,12 @@ def _unit_rows(array: np.ndarray) -> np.ndarray:
 
 
 class OnnxEmbedder:
-    """ONNX Runtime over a uint8-NHWC graph (the SSCD teacher, or an exported student)."""
+    """ONNX Runtime over a uint8-NHWC graph (the SSCD teacher, or an exported student); path
+    may also be the graph's bytes."""
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | bytes,
         *,
         model_id: str,
         dim: int,
@@ -109,7 +111,8 @@ class OnnxEmbedder:
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         if device == "cuda" and self.device == "cpu":
             log.warning("%s: onnxruntime has no CUDA provider here; running on CPU", model_id)
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        graph = path if isinstance(path, bytes) else str(path)
+        self.session = ort.InferenceSession(graph, options, providers=providers)
         self._input = self.session.get_inputs()[0].name
 
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -324,6 +327,28 @@ def _torch_embedder(
     )
 
 
+def _int8_student(
+    spec: str, device: str, runtime: str, threads: int | None, storage: StorageOptions | None
+) -> OnnxEmbedder:
+    """An int8 model: its own checked graph on ONNX Runtime's CPU provider."""
+    graph, card = read_int8_graph(spec, storage)
+    if runtime == "torch":
+        raise EmbedderError(f"{card.model_id} is an int8 ONNX model; use runtime auto or onnx")
+    if device == "cuda":
+        raise EmbedderError(
+            f"{card.model_id} is an int8 model for CPUs; on CUDA use its fp32 parent "
+            f"{card.quantization.parent_model_id}"
+        )
+    return OnnxEmbedder(
+        graph,
+        model_id=card.model_id,
+        dim=card.output_dim,
+        input_size=card.input.size,
+        resize=card.input.resize,
+        threads=threads,
+    )
+
+
 def _student(
     spec: str,
     device: str,
@@ -334,12 +359,17 @@ def _student(
     input_size: int | None,
     resize: str | None,
 ) -> Embedder:
-    model, card = load_model(spec, storage)
+    card = read_card(spec, storage)
     if input_size not in (None, card.input.size) or resize not in (None, card.input.resize):
         raise EmbedderError(
             f"{card.model_id} was made for {card.input.size}px '{card.input.resize}' input; "
             f"a student's input size and resize policy come from its card"
         )
+    if card.quantization is not None:  # CPU only, whatever device 'auto' would find
+        device = _resolve_device("cpu" if device == "auto" else device)
+        return _int8_student(spec, device, runtime, threads, storage)
+    device = _resolve_device(device)
+    model, card = load_model(spec, storage)
     module = PixelModel(model, card.input.mean, card.input.std).eval()
     use_onnx = runtime == "onnx" or (runtime == "auto" and device == "cpu")
     if use_onnx and card.input.resize != "square":
@@ -396,34 +426,33 @@ def load_embedder(
     threads: ONNX Runtime intra-op threads, or torch.set_num_threads for torch runtimes."""
     if runtime not in RUNTIMES:
         raise EmbedderError(f"runtime '{runtime}' not in {RUNTIMES}")
-    device = _resolve_device(device)
     if spec == "sscd":
-        return _sscd(device, runtime, threads, input_size, resize)
-    if spec.startswith(("torchscript:", "timm:")):
-        if runtime == "onnx":
-            raise EmbedderError(f"{spec}: teachers other than 'sscd' run on torch only")
-        kind, _, target = spec.partition(":")
-        size = input_size or (SSCD_INPUT_SIZE if kind == "torchscript" else 224)
-        if kind == "torchscript":
-            network: nn.Module = TorchScriptDescriptor(target)
-            mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-            model_id = torchscript_model_id(target)
-            with torch.inference_mode():
-                dim = int(network(torch.zeros(1, 3, 64, 64)).shape[-1])
-        else:
-            network = TimmGeM(target)
-            mean, std = model_mean_std(target)
-            model_id, dim = f"timm-{target}-gem", network.dim
-        return _torch_embedder(
-            PixelModel(network, mean, std),
-            model_id=model_id,
-            dim=dim,
-            size=size,
-            resize=resize or "square",
-            device=device,
-            threads=threads,
-        )
-    return _student(spec, device, runtime, threads, storage, cache_dir, input_size, resize)
+        return _sscd(_resolve_device(device), runtime, threads, input_size, resize)
+    if not spec.startswith(("torchscript:", "timm:")):
+        return _student(spec, device, runtime, threads, storage, cache_dir, input_size, resize)
+    if runtime == "onnx":
+        raise EmbedderError(f"{spec}: teachers other than 'sscd' run on torch only")
+    kind, _, target = spec.partition(":")
+    size = input_size or (SSCD_INPUT_SIZE if kind == "torchscript" else 224)
+    if kind == "torchscript":
+        network: nn.Module = TorchScriptDescriptor(target)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        model_id = torchscript_model_id(target)
+        with torch.inference_mode():
+            dim = int(network(torch.zeros(1, 3, 64, 64)).shape[-1])
+    else:
+        network = TimmGeM(target)
+        mean, std = model_mean_std(target)
+        model_id, dim = f"timm-{target}-gem", network.dim
+    return _torch_embedder(
+        PixelModel(network, mean, std),
+        model_id=model_id,
+        dim=dim,
+        size=size,
+        resize=resize or "square",
+        device=_resolve_device(device),
+        threads=threads,
+    )
 
 
 def embedder_from_config(config: dict[str, Any], spec: str | None = None) -> Embedder:
