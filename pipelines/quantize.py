@@ -41,10 +41,10 @@ def calibration_pixels(
 ) -> tuple[np.ndarray, int]:
     """(uint8 N x size x size x 3, undecodable inputs skipped): evenly spread over the listed
     inputs in their stable order, so the same inputs give the same int8 graph."""
-    listing = list_inputs(url, SourceOptions.from_config(config["input"]), options)
+    source_options = SourceOptions.from_config(config["input"])
     rows: list[bytes] = []
-    for shard in listing.shards:
-        for table in read_shard(shard, SourceOptions.from_config(config["input"]), options):
+    for shard in list_inputs(url, source_options, options).shards:
+        for table in read_shard(shard, source_options, options):
             rows.extend(data for data in table.column("bytes").to_pylist() if data is not None)
     if not rows:
         raise JobError(f"no readable images under {url}")

@@ -115,6 +115,18 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(graph, options, providers=providers)
         self._input = self.session.get_inputs()[0].name
 
+    @classmethod
+    def for_card(cls, graph: str | Path | bytes, card: ModelCard, threads: int | None):
+        """A student's graph on the CPU, with the id, d and input handling of its card."""
+        return cls(
+            graph,
+            model_id=card.model_id,
+            dim=card.output_dim,
+            input_size=card.input.size,
+            resize=card.input.resize,
+            threads=threads,
+        )
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         images = _check_batch(images, self.input_size, self.resize)
         if len(images) == 0:
@@ -224,14 +236,7 @@ def _checked_onnx(
 ) -> tuple[OnnxEmbedder | None, str]:
     """(embedder, "") when the graph at path reproduces eager torch, else (None, why not)."""
     try:
-        embedder = OnnxEmbedder(
-            path,
-            model_id=card.model_id,
-            dim=card.output_dim,
-            input_size=card.input.size,
-            resize=card.input.resize,
-            threads=threads,
-        )
+        embedder = OnnxEmbedder.for_card(path, card, threads)
         check = _check_images(card.input.size)
         with torch.inference_mode():
             eager = module.eval()(torch.from_numpy(check)).numpy()
@@ -339,14 +344,7 @@ def _int8_student(
             f"{card.model_id} is an int8 model for CPUs; on CUDA use its fp32 parent "
             f"{card.quantization.parent_model_id}"
         )
-    return OnnxEmbedder(
-        graph,
-        model_id=card.model_id,
-        dim=card.output_dim,
-        input_size=card.input.size,
-        resize=card.input.resize,
-        threads=threads,
-    )
+    return OnnxEmbedder.for_card(graph, card, threads)
 
 
 def _student(
