@@ -128,8 +128,11 @@ def test_ddp_run_trains_checkpoints_to_s3_and_resumes(ray_session, s3_fs, image_
             "sim_hard_neg",
         ):
             assert math.isfinite(row[key]), (key, row)
-    first, last = (np.mean([row["loss"] for row in part]) for part in (rows[:3], rows[-3:]))
-    assert last < first, "the objective decreases over the run"
+    # The first steps compare against the queues' random start vectors (an easy task, low
+    # loss); from step 4 the queues (64 slots, 16 rows a step) hold only real entries, and from
+    # there the loss must fall.
+    full, last = (np.mean([row["loss"] for row in part]) for part in (rows[3:5], rows[-2:]))
+    assert last < full, "the objective decreases once the queues are full"
     model, card = cards.load_model(f"{BUCKET_RUN}/model", StorageOptions.from_config(None))
     assert card.architecture.dim == 8 and card.training["steps"] == 9
     assert not any(name.startswith(("momentum", "criterion")) for name in model.state_dict())
