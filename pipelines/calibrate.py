@@ -19,6 +19,7 @@ import pandas as pd
 from pipelines.eval import COPY_COLUMNS, PAIR_COLUMNS, read_table, resolve_inputs
 from pipelines.jobs import JobError, module_main
 from rdcd import cards, metrics, storage
+from rdcd.shipped import is_shipped
 
 COMMAND = "calibrate"
 HELP = "pick the score threshold for a target precision and write it into a model card"
@@ -131,9 +132,9 @@ def run(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     if args.dry_run:
         summary["written"] = "nothing (--dry-run)"
         return summary
-    if model == "default" and not args.out:
+    if is_shipped(model) and not args.out:
         raise JobError(
-            f"threshold {result.threshold:.4f} found, but the shipped default model is not "
+            f"threshold {result.threshold:.4f} found, but the shipped model '{model}' is not "
             "edited in place: use --out DIR to write a calibrated copy"
         )
     destination = args.out or cards.resolve_model_dir(model)

@@ -12,19 +12,18 @@ import io
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import rdcd
 from pipelines.jobs import JobError
 from rdcd import drift
 from rdcd import storage as st
 from rdcd.groups import check_policy
 from rdcd.history import History, State, Version
 from rdcd.live_index import Span
+from rdcd.shipped import resolve_model_dir
 
 STAGES = ("list", "embed", "ingest", "index", "pairs", "groups", "commit", "finalize")
 STOP_ENV = "RDCD_STOP_AFTER"
@@ -44,11 +43,7 @@ class ModelIdentity:
 def model_identity(spec: str, storage: st.StorageOptions) -> ModelIdentity:
     """model_id and d of a model spec; student cards are read as JSON (no torch import), so
     resuming a run past its embed stage starts in seconds."""
-    directory = (
-        str(Path(rdcd.__file__).resolve().parent / "assets" / "models" / "default")
-        if spec == "default"
-        else spec
-    )
+    directory = resolve_model_dir(spec)
     card_url = st.join(directory, "card.json")
     if not spec.startswith(("sscd", "timm:", "torchscript:")) and st.exists(card_url, storage):
         card = st.read_json(card_url, storage)

@@ -13,7 +13,6 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rdcd.models import DescriptorModel
+from rdcd.shipped import is_shipped, resolve_model_dir
 from rdcd.storage import (
     StorageOptions,
     exists,
@@ -35,7 +35,6 @@ WEIGHTS_FILE = "model.safetensors"
 INT8_FILE = "model.int8.onnx"
 INT8_FORMAT = "onnx-qdq-int8"
 CARD_FORMAT = "rdcd-model-card/1"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "models" / "default"
 RESIZE_POLICIES = ("square", "short_side")
 WHITENING_KEYS = ("whitening.mean", "whitening.matrix")
 SHORT_NAMES = {
@@ -241,11 +240,6 @@ def write_card(directory_url: str, card: ModelCard, storage: StorageOptions | No
     write_bytes_atomic(join(directory_url, CARD_FILE), payload.encode(), storage)
 
 
-def resolve_model_dir(spec: str) -> str:
-    """'default' -> the shipped model's directory; anything else is a directory path/URL."""
-    return str(DEFAULT_MODEL_DIR) if spec == "default" else spec
-
-
 def _read_bytes(url: str, storage: StorageOptions | None) -> bytes:
     if not exists(url, storage):
         raise ModelCardError(f"{url} not found: not a model directory (needs {CARD_FILE})")
@@ -332,8 +326,10 @@ def with_threshold(
     directory_url: str, threshold: float | None, storage: StorageOptions | None = None
 ) -> ModelCard:
     """Set the recommended cosine threshold in a saved card; model_id stays the same."""
-    if directory_url == "default":
-        raise ModelCardError("the shipped default model is rebuilt by train.pca_init, not edited")
+    if is_shipped(directory_url):
+        raise ModelCardError(
+            f"the shipped model '{directory_url}' is not edited in place; calibrate a copy"
+        )
     card = read_card(directory_url, storage)
     card.threshold = None if threshold is None else float(threshold)
     write_card(directory_url, card, storage)

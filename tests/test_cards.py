@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from rdcd import cards
 from rdcd.cards import ModelCardError, card_for, load_model, read_card, save_model, with_threshold
 from rdcd.models import DescriptorModel
+from rdcd.shipped import SHIPPED_MODELS
 from rdcd.storage import StorageOptions
 
 
@@ -73,8 +74,9 @@ def test_threshold_update_keeps_the_model_id(saved):
     assert after.threshold == 0.65 and after.model_id == before.model_id
     _, reloaded = load_model(str(folder))
     assert reloaded.threshold == 0.65
-    with pytest.raises(ModelCardError, match="default"):
-        with_threshold("default", 0.5)
+    for shipped in ("default", "pca"):
+        with pytest.raises(ModelCardError, match=f"'{shipped}' is not edited"):
+            with_threshold(shipped, 0.5)
 
 
 def _edit_card(folder, change):
@@ -147,13 +149,18 @@ def test_card_must_describe_the_model(tmp_path):
         card_for(other, 64, "center_crop")
 
 
-def test_shipped_default_model_loads_and_is_small():
+def test_shipped_models_load_and_are_small():
     model, card = load_model("default")
-    assert card.architecture.backbone == "tf_efficientnet_lite0"
-    assert card.output_dim == 128 and card.architecture.kd_dim == 512
-    assert 0.0 < card.threshold < 1.0
-    assert "train.pca_init" in card.training["command"]
-    assert (cards.DEFAULT_MODEL_DIR / cards.WEIGHTS_FILE).stat().st_size < 12_000_000
+    _, pca = load_model("pca")
+    for shipped in (card, pca):
+        assert shipped.architecture.backbone == "tf_efficientnet_lite0"
+        assert shipped.output_dim == 128 and shipped.architecture.kd_dim == 512
+        assert 0.0 < shipped.threshold < 1.0
+    assert card.training["objective"] == "rdcd" and card.training["teacher"] == "sscd"
+    assert card.training["init_model_id"] == pca.model_id != card.model_id
+    assert "train.pca_init" in pca.training["command"]
+    for name in SHIPPED_MODELS:
+        assert (SHIPPED_MODELS[name] / cards.WEIGHTS_FILE).stat().st_size < 12_000_000
 
 
 def test_save_and_load_through_s3(s3_server, tmp_path):

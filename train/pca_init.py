@@ -1,6 +1,6 @@
 """Build the zero-training default model: ImageNet Lite0 trunk + GeM + PCA-initialised heads.
 
-    python -m train.pca_init --images DIR --out rdcd/assets/models/default
+    python -m train.pca_init --images DIR --out rdcd/assets/models/pca
 
 The kd head is the PCA 1280 -> kd_dim of the GeM features and the projector a PCA whitening
 kd_dim -> dim, both fitted on a background sample (each image plus a few edited views). The
