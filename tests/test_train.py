@@ -28,8 +28,8 @@ from train.export import export_model, learn_whitening
 from train.frozen import forward_both, freeze_prefix, prefix_features
 from train.objectives import Inputs, RDCDObjective, SSCDObjective, StudentNet
 from train.schedule import learning_rate, peak_learning_rate
-from train.settings import SettingsError, from_config, with_absolute_paths
-from train.teacher_cache import CacheError, build_cache
+from train.settings import SettingsError, StudentSettings, from_config, with_absolute_paths
+from train.teacher_cache import CacheError, PrefixSpec, _prefix_identity, build_cache
 from train.trainer import plan_steps, run_training
 
 BUCKET_RUN = "s3://rdcd-test/train-run"
@@ -369,3 +369,28 @@ def test_cli_reports_missing_settings_without_traceback(capsys, tmp_path):
     code = main(["train", "--set", f"train.output={tmp_path}"])
     assert code == 2
     assert "train.input is not set" in capsys.readouterr().err
+
+
+def test_cached_prefix_is_keyed_by_the_init_models_content_not_its_name(tmp_path):
+    """A shipped name such as 'default' can point to another model later: a teacher cache of
+    prefix features must then be refused, and a copy of the same model under another path
+    must still match."""
+    torch.manual_seed(0)
+    model = DescriptorModel("test_resnet", kd_dim=16, dim=8)
+    cards.save_model(model, cards.card_for(model, 64), str(tmp_path / "a"))
+    cards.save_model(model, cards.card_for(model, 64), str(tmp_path / "copy-of-a"))
+    cards.save_model(
+        DescriptorModel("test_resnet", kd_dim=16, dim=8),
+        cards.card_for(model, 64),
+        str(tmp_path / "b"),
+    )
+
+    def identity(init_from: str | None) -> dict:
+        student = StudentSettings(backbone="test_resnet", frozen_blocks=2, init_from=init_from)
+        return _prefix_identity(PrefixSpec(student, 64))
+
+    a = identity(str(tmp_path / "a"))
+    assert a["weights"] == cards.read_card(str(tmp_path / "a")).model_id
+    assert identity(str(tmp_path / "copy-of-a")) == a
+    assert identity(str(tmp_path / "b")) != a
+    assert identity(None)["weights"] == "auto"

@@ -23,6 +23,7 @@ import torch
 
 from rdcd import sources
 from rdcd.augment import AugmentSettings, advanced, generator
+from rdcd.cards import read_card
 from rdcd.embedder import load_embedder
 from rdcd.preprocess import ImageError
 from rdcd.storage import (
@@ -279,13 +280,14 @@ def build_cache(
 
 
 def _prefix_identity(prefix: PrefixSpec | None) -> dict[str, Any] | None:
-    """What determines the prefix output (the heads and the descriptor size do not)."""
+    """What determines the prefix output (the heads and the descriptor size do not). An init
+    model is named by its model_id: a name such as 'default' can point to another model later."""
     if prefix is None:
         return None
     s = prefix.student
     return {
         "backbone": s.backbone,
-        "weights": s.init_from or s.weights,
+        "weights": read_card(s.init_from).model_id if s.init_from else s.weights,
         "frozen_blocks": s.frozen_blocks,
         "size": prefix.size,
     }
