@@ -26,7 +26,7 @@ from rdcd import index as ix
 from rdcd.history import State
 from rdcd.live_index import Span
 from rdcd.runtime import init_ray
-from rdcd.tables import PAIRS_SCHEMA
+from rdcd.tables import PAIRS_SCHEMA, ordered_pairs
 
 
 @ray.remote
@@ -251,19 +251,7 @@ def stage_pairs(
         ha, hb = ids["content_hash"].slice(0, len(a)), ids["content_hash"].slice(len(a))
         same = pc.fill_null(pc.equal(ha, hb), False).to_numpy(zero_copy_only=False)
         exact = exact | same
-    swap = pc.greater(ia, ib)
-    table = pa.table(
-        {
-            "image_id_a": pc.if_else(swap, ib, ia),
-            "image_id_b": pc.if_else(swap, ia, ib),
-            "score": pa.array(s, pa.float32()),
-            "exact": pa.array(exact, pa.bool_()),
-            "run_id": pa.array([run.run_id] * len(a), pa.string()),
-            "model_id": pa.array([run.model.model_id] * len(a), pa.string()),
-            "row_a": pc.if_else(swap, pa.array(b), pa.array(a)),
-            "row_b": pc.if_else(swap, pa.array(a), pa.array(b)),
-        }
-    ).sort_by([("image_id_a", "ascending"), ("image_id_b", "ascending")])
+    table = ordered_pairs(ia, ib, s, exact, run.run_id, run.model.model_id, rows=(a, b))
     write_parquet(table, url, run.storage)
     return {
         "pairs": table.num_rows,

@@ -31,7 +31,7 @@ from pipelines.index import read_parquet, run_index, use_gpu
 from rdcd import index as ix
 from rdcd import match
 from rdcd import storage as st
-from rdcd.tables import PAIRS_SCHEMA
+from rdcd.tables import ordered_pairs
 from rdcd.vectors import VectorStore, local_copy, save_vectors
 
 WORK_DIR = "_work"
@@ -303,19 +303,7 @@ def pairs_table(
     if pc.any(pc.equal(ia, ib)).as_py():
         dup = pc.filter(ia, pc.equal(ia, ib))[0].as_py()
         raise ValueError(f"image_id {dup!r} appears on two descriptor rows; ids must be unique")
-    swap = pc.greater(ia, ib)
-    table = pa.table(
-        {
-            "image_id_a": pc.if_else(swap, ib, ia),
-            "image_id_b": pc.if_else(swap, ia, ib),
-            "score": pa.array(score, pa.float32()),
-            "exact": pa.array(exact, pa.bool_()),
-            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), len(a)),
-            "model_id": pa.repeat(pa.scalar(meta["model_id"], pa.string()), len(a)),
-        },
-        schema=PAIRS_SCHEMA,
-    )
-    return table.sort_by([("image_id_a", "ascending"), ("image_id_b", "ascending")])
+    return ordered_pairs(ia, ib, score, exact, run_id, meta["model_id"])
 
 
 def write_parts(table: pa.Table, folder_url: str, options) -> list[str]:

@@ -36,19 +36,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, help="images to use (default: quantize.images)")
 
 
+def spread(total: int, count: int) -> np.ndarray:
+    """Up to count indices evenly spread over range(total), first and last included."""
+    return np.unique(np.linspace(0, total - 1, num=min(count, total)).astype(int))
+
+
 def calibration_pixels(
     url: str, count: int, size: int, config: dict[str, Any], options: storage.StorageOptions
 ) -> tuple[np.ndarray, int]:
     """(uint8 N x size x size x 3, undecodable inputs skipped): evenly spread over the listed
-    inputs in their stable order, so the same inputs give the same int8 graph."""
+    inputs in their stable order, so the same inputs give the same int8 graph. From a folder
+    only the picked files are read; tar and Parquet inputs are read whole, then picked from."""
     source_options = SourceOptions.from_config(config["input"])
+    listing = list_inputs(url, source_options, options)
+    if listing.layout == "files" and len(listing.objects) > count:
+        names = [name for name, _ in listing.objects]
+        picked = frozenset(names[i] for i in spread(len(names), count))
+        listing = list_inputs(url, source_options, options, ids=picked)
     rows: list[bytes] = []
-    for shard in list_inputs(url, source_options, options).shards:
+    for shard in listing.shards:
         for table in read_shard(shard, source_options, options):
             rows.extend(data for data in table.column("bytes").to_pylist() if data is not None)
     if not rows:
         raise JobError(f"no readable images under {url}")
-    picks = np.unique(np.linspace(0, len(rows) - 1, num=min(count, len(rows))).astype(int))
+    picks = spread(len(rows), count)
     pixels, bad = [], 0
     for index in tqdm(picks, desc="calibration images", unit="img", leave=False):
         try:

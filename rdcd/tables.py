@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -45,6 +46,37 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("score", pa.float32()),
     ]
 )
+
+
+def ordered_pairs(
+    ia: pa.Array,
+    ib: pa.Array,
+    score: np.ndarray,
+    exact: np.ndarray,
+    run_id: str,
+    model_id: str,
+    rows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> pa.Table:
+    """PAIRS_SCHEMA rows with image_id_a < image_id_b, sorted by (a, b). With rows, the two
+    dense row ids travel along as row_a / row_b, swapped with their image ids."""
+    swap = pc.greater(ia, ib)
+    n = len(ia)
+    columns = {
+        "image_id_a": pc.if_else(swap, ib, ia),
+        "image_id_b": pc.if_else(swap, ia, ib),
+        "score": pa.array(score, pa.float32()),
+        "exact": pa.array(exact, pa.bool_()),
+        "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+        "model_id": pa.repeat(pa.scalar(model_id, pa.string()), n),
+    }
+    schema = PAIRS_SCHEMA
+    if rows is not None:
+        a, b = pa.array(rows[0], pa.int64()), pa.array(rows[1], pa.int64())
+        columns["row_a"] = pc.if_else(swap, b, a)
+        columns["row_b"] = pc.if_else(swap, a, b)
+        schema = schema.append(pa.field("row_a", pa.int64())).append(pa.field("row_b", pa.int64()))
+    table = pa.table(columns, schema=schema)
+    return table.sort_by([("image_id_a", "ascending"), ("image_id_b", "ascending")])
 
 
 def descriptors_schema(dim: int) -> pa.Schema:
