@@ -92,9 +92,8 @@ def copy_model(source: str, target: str, options: storage.StorageOptions) -> Non
     card = cards.read_card(source_dir, options)
     weights = card.quantization.file if card.quantization else cards.WEIGHTS_FILE
     for name in (weights, cards.CARD_FILE):
-        url = storage.join(source_dir, name)
-        with storage.get_filesystem(url, options).open(storage.strip_protocol(url), "rb") as f:
-            storage.write_bytes_atomic(storage.join(target, name), f.read(), options)
+        data = storage.read_bytes(storage.join(source_dir, name), options)
+        storage.write_bytes_atomic(storage.join(target, name), data, options)
 
 
 def run(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:

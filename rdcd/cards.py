@@ -24,9 +24,8 @@ from rdcd.shipped import is_shipped, resolve_model_dir
 from rdcd.storage import (
     StorageOptions,
     exists,
-    get_filesystem,
     join,
-    strip_protocol,
+    read_bytes,
     write_bytes_atomic,
 )
 
@@ -243,8 +242,7 @@ def write_card(directory_url: str, card: ModelCard, storage: StorageOptions | No
 def _read_bytes(url: str, storage: StorageOptions | None) -> bytes:
     if not exists(url, storage):
         raise ModelCardError(f"{url} not found: not a model directory (needs {CARD_FILE})")
-    with get_filesystem(url, storage).open(strip_protocol(url), "rb") as handle:
-        return handle.read()
+    return read_bytes(url, storage)
 
 
 def read_card(spec: str, storage: StorageOptions | None = None) -> ModelCard:

@@ -125,10 +125,14 @@ def publish_directory(tmp_url: str, final_url: str, options: StorageOptions | No
     fs.invalidate_cache()
 
 
+def read_bytes(url: str, options: StorageOptions | None = None) -> bytes:
+    """The whole object at url (small files: cards, manifests, logs)."""
+    with get_filesystem(url, options).open(strip_protocol(url), "rb") as handle:
+        return handle.read()
+
+
 def read_json(url: str, options: StorageOptions | None = None) -> dict[str, Any]:
-    fs = get_filesystem(url, options)
-    with fs.open(strip_protocol(url), "rb") as handle:
-        return json.loads(handle.read())
+    return json.loads(read_bytes(url, options))
 
 
 def write_json_atomic(url: str, payload: dict[str, Any], options: StorageOptions | None = None):

@@ -15,7 +15,7 @@ from skimage import data
 
 from pipelines.cli import main
 from rdcd import cards, edits
-from rdcd.embedder import EmbedderError, OnnxEmbedder, load_embedder
+from rdcd.embedder import EmbedderError, OnnxEmbedder, _int8_student, load_embedder
 from rdcd.models import DescriptorModel
 from rdcd.preprocess import load_rgb
 
@@ -89,6 +89,9 @@ def test_int8_models_refuse_what_they_cannot_do(int8, tmp_path):
         load_embedder(int8, device="cpu", runtime="torch")
     with pytest.raises(EmbedderError, match="(?i)cuda"):
         load_embedder(int8, device="cuda")
+    # what a CUDA machine reaches past device resolution (this one has no CUDA device)
+    with pytest.raises(EmbedderError, match="for CPUs; on CUDA use its fp32 parent"):
+        _int8_student(int8, "cuda", "auto", None, None)
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     (tampered / cards.CARD_FILE).write_bytes((Path(int8) / cards.CARD_FILE).read_bytes())

@@ -17,9 +17,8 @@ import torch
 from rdcd.storage import (
     StorageOptions,
     exists,
-    get_filesystem,
     join,
-    strip_protocol,
+    read_bytes,
     write_bytes_atomic,
 )
 
@@ -42,8 +41,8 @@ class MetricLog:
         url = join(output, METRICS_JSONL)
         rows: list[dict[str, Any]] = []
         if step > 0 and exists(url, storage):
-            with get_filesystem(url, storage).open(strip_protocol(url), "rb") as handle:
-                rows = [json.loads(line) for line in handle.read().decode().splitlines() if line]
+            lines = read_bytes(url, storage).decode().splitlines()
+            rows = [json.loads(line) for line in lines if line]
             rows = [row for row in rows if row["step"] <= step]
         return cls(output, storage, rows)
 
